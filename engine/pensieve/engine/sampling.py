@@ -1,0 +1,109 @@
+"""Sampling parameters (validated at the boundary) and the batched sampler."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks of the sampler. Invalid values raise InvalidRequestError."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: disabled
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if not is_int(self.max_tokens) or self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
+        if not is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0 or self.temperature != self.temperature:
+            raise InvalidRequestError(f"temperature must be a number in [0, 100], got {self.temperature!r}", "temperature")
+        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}", "top_k")
+        if self.seed is not None and not is_int(self.seed):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}", "seed")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is None:
+            self.stop = []
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequestError("stop must be a non-empty string or a list of non-empty strings", "stop")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_LEN for s in self.stop):
+            raise InvalidRequestError(
+                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_LEN} characters", "stop")
+        self.stop = list(self.stop)
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class Sampler:
+    """Turns the last-position logits of a batch into one token per row.
+
+    Greedy rows take the argmax. Other rows apply temperature, top-k and top-p
+    and draw with their own generator when the request gave a seed (so a
+    seeded request gives the same tokens whatever it is batched with).
+    """
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[int]:
+        logits = logits.float()
+        tokens = torch.argmax(logits, dim=-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            sub = logits.index_select(0, rows)
+            temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
+            sub = sub / temps.unsqueeze(1)
+            sub = _apply_top_k(sub, [params[i].top_k for i in random_rows])
+            sub = _apply_top_p(sub, [params[i].top_p for i in random_rows])
+            probs = torch.softmax(sub, dim=-1)
+            for j, i in enumerate(random_rows):
+                tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
+        return tokens.tolist()
+
+
+def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    if all(k == vocab for k in ks):
+        return logits
+    k_t = torch.tensor(ks, device=logits.device)
+    sorted_desc = torch.sort(logits, dim=-1, descending=True).values
+    kth = sorted_desc.gather(1, (k_t - 1).unsqueeze(1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    if all(p >= 1.0 for p in top_ps):
+        return logits
+    p_t = torch.tensor(top_ps, device=logits.device, dtype=torch.float32)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # Drop a token when the mass before it already reaches top_p (the first token always stays).
+    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p_t.unsqueeze(1)
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
