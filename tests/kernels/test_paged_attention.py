@@ -226,3 +226,22 @@ def test_llama3_shapes_gpu(dtype):
     for splits in (None, 1, 4, 16):
         out = run(*case, 128**-0.5, num_splits=splits)
         check(out, *case, 128**-0.5)
+
+
+def test_split_request_ignored_for_batches_with_prefill(device):
+    # split-KV is a decode-only path: asking for it on a mixed batch must not change results
+    segs = ragged_mix(device, 8, 16)
+    q, k, v, bt, qs, ps = build_case(segs, 8, 1, 32, 16, torch.float16, device, seed=12)
+    md = prepare_paged_attention(qs.cpu(), ps.cpu(), 8, 1, device=device, num_splits=4)
+    assert md.num_splits == 1 or md.n_large == 0
+    out = run(q, k, v, bt, qs, ps, 0.25, metadata=md)
+    check(out, q, k, v, bt, qs, ps, 0.25)
+
+
+def test_small_segments_split_kv_fp32_gqa1(device):
+    # small-tile segments with several query tokens under split-KV: the low rows
+    # of a tile have no keys in the late splits (fully masked partials, merged away)
+    segs = [(i, 1 + 2 * (i % 3), 17 * i + 5) for i in range(5)]
+    case = build_case(segs, 2, 2, 32, 32, torch.float32, device, seed=13)
+    out = run(*case, 0.2, num_splits=5)
+    check(out, *case, 0.2)
