@@ -3,16 +3,36 @@
 Each op has a torch reference (``*_ref``) that is the test oracle and the CPU
 implementation. The dispatching entry points pick the Triton kernel on CUDA
 tensors and the reference elsewhere; ``impl="ref"`` or ``impl="triton"`` forces
-one. This package imports nothing from the engine.
+one, and ``PENSIEVE_KERNELS=ref`` in the environment makes "auto" pick the
+reference everywhere. This package imports nothing from the engine; Triton is
+imported only when a Triton path runs.
 """
-from .reference import copy_blocks_ref, paged_attention_ref, write_kv_ref
-from .dispatch import copy_blocks, paged_attention, write_kv
+from .reference import (
+    copy_blocks_ref,
+    gather_blocks_ref,
+    paged_attention_ref,
+    scatter_blocks_ref,
+    write_kv_ref,
+)
+from .dispatch import (
+    copy_blocks,
+    gather_blocks,
+    paged_attention,
+    prepare_paged_attention,
+    scatter_blocks,
+    write_kv,
+)
 
 __all__ = [
     "paged_attention",
     "paged_attention_ref",
+    "prepare_paged_attention",
     "write_kv",
     "write_kv_ref",
     "copy_blocks",
     "copy_blocks_ref",
+    "gather_blocks",
+    "gather_blocks_ref",
+    "scatter_blocks",
+    "scatter_blocks_ref",
 ]

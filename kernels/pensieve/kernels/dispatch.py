@@ -1,5 +1,14 @@
-"""Entry points that choose between the Triton kernels and the torch references."""
+"""Entry points that choose between the Triton kernels and the torch references.
+
+``impl``: "auto" (Triton on CUDA tensors, the reference elsewhere), "ref" or
+"triton" (also runs on CPU tensors under ``TRITON_INTERPRET=1``).
+The environment variable ``PENSIEVE_KERNELS=ref`` makes "auto" mean the
+reference everywhere (a global escape hatch); ``PENSIEVE_KERNELS=triton`` makes
+"auto" mean Triton everywhere. An explicit ``impl`` argument always wins.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -13,25 +22,91 @@ def _use_triton(t: torch.Tensor, impl: str) -> bool:
         return True
     if impl != "auto":
         raise ValueError(f"impl must be 'auto', 'ref' or 'triton', got {impl!r}")
+    forced = os.environ.get("PENSIEVE_KERNELS", "auto").strip().lower()
+    if forced == "ref":
+        return False
+    if forced == "triton":
+        return True
     return t.is_cuda
 
 
-def paged_attention(query, k_cache, v_cache, block_tables, seg_q_start, seg_pos_start, scale, *, impl="auto"):
-    """See :func:`pensieve.kernels.reference.paged_attention_ref` for the contract."""
+def prepare_paged_attention(seg_q_start, seg_pos_start, num_heads, num_kv_heads, **kwargs):
+    """Launch plan of one step for :func:`paged_attention` (``metadata=``); reuse it across layers.
+
+    See :func:`pensieve.kernels.triton_attention.prepare_paged_attention`.
+    """
+    from .triton_attention import prepare_paged_attention as _prep
+
+    return _prep(seg_q_start, seg_pos_start, num_heads, num_kv_heads, **kwargs)
+
+
+def paged_attention(
+    query, k_cache, v_cache, block_tables, seg_q_start, seg_pos_start, scale, *,
+    impl="auto", metadata=None, num_splits=None, out=None,
+):
+    """See :func:`pensieve.kernels.reference.paged_attention_ref` for the contract.
+
+    Optional: ``metadata`` from :func:`prepare_paged_attention` (build once per
+    step, pass to every layer); ``num_splits`` (None auto, 1 off, n forced; only
+    without metadata); ``out`` [T, Hq, D] to write into (rows outside every
+    segment are left untouched).
+    """
     if _use_triton(query, impl):
-        raise NotImplementedError("Triton paged attention is not built yet")
-    return reference.paged_attention_ref(query, k_cache, v_cache, block_tables, seg_q_start, seg_pos_start, scale)
+        from .triton_attention import paged_attention_triton
+
+        return paged_attention_triton(
+            query, k_cache, v_cache, block_tables, seg_q_start, seg_pos_start, scale,
+            metadata=metadata, num_splits=num_splits, out=out,
+        )
+    res = reference.paged_attention_ref(query, k_cache, v_cache, block_tables, seg_q_start, seg_pos_start, scale)
+    if out is None:
+        return res
+    starts = seg_q_start.tolist()
+    for s in range(len(starts) - 1):
+        out[starts[s] : starts[s + 1]] = res[starts[s] : starts[s + 1]]
+    return out
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping, *, impl="auto"):
     """See :func:`pensieve.kernels.reference.write_kv_ref`."""
-    if _use_triton(key, impl):
-        raise NotImplementedError("Triton KV write is not built yet")
+    if _use_triton(key, impl) and key.device == k_cache.device:
+        from .triton_cache import write_kv_triton
+
+        write_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        return
     reference.write_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
 
 def copy_blocks(src, dst, src_ids, dst_ids, *, impl="auto"):
-    """See :func:`pensieve.kernels.reference.copy_blocks_ref`."""
-    if _use_triton(src, impl) and src.is_cuda and dst.is_cuda:
-        raise NotImplementedError("Triton block copy is not built yet")
+    """See :func:`pensieve.kernels.reference.copy_blocks_ref`. Triton only when src and dst share a device."""
+    if _use_triton(src, impl) and src.device == dst.device and src.dtype == dst.dtype:
+        from .triton_cache import copy_blocks_triton
+
+        copy_blocks_triton(src, dst, src_ids, dst_ids)
+        return
     reference.copy_blocks_ref(src, dst, src_ids, dst_ids)
+
+
+def gather_blocks(src, ids, out=None, *, impl="auto"):
+    """out[i] = src[ids[i]] in one launch (swap-out staging). Returns out.
+
+    See :func:`pensieve.kernels.reference.gather_blocks_ref` and the swap notes
+    in :mod:`pensieve.kernels.triton_cache`.
+    """
+    if out is None:
+        out = torch.empty((ids.numel(),) + tuple(src.shape[1:]), dtype=src.dtype, device=src.device)
+    if _use_triton(src, impl) and out.device == src.device and out.dtype == src.dtype:
+        from .triton_cache import gather_blocks_triton
+
+        return gather_blocks_triton(src, ids, out)
+    return reference.gather_blocks_ref(src, ids, out)
+
+
+def scatter_blocks(src, dst, ids, *, impl="auto"):
+    """dst[ids[i]] = src[i] in one launch (swap-in from a staging buffer)."""
+    if _use_triton(dst, impl) and src.device == dst.device and src.dtype == dst.dtype:
+        from .triton_cache import scatter_blocks_triton
+
+        scatter_blocks_triton(src, dst, ids)
+        return
+    reference.scatter_blocks_ref(src, dst, ids)

@@ -99,3 +99,24 @@ def copy_blocks_ref(
         return
     picked = src.index_select(0, src_ids.to(src.device, torch.int64))
     dst.index_copy_(0, dst_ids.to(dst.device, torch.int64), picked.to(dst.device, non_blocking=True))
+
+
+def gather_blocks_ref(src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i] = src[ids[i]]: pack blocks into a contiguous staging buffer (swap-out).
+
+    ``out`` (optional) has at least ``len(ids)`` blocks, on any device; rows past
+    ``len(ids)`` are left untouched. Returns ``out`` (or a new tensor).
+    """
+    picked = src.index_select(0, ids.to(src.device, torch.int64))
+    if out is None:
+        return picked
+    out[: ids.numel()].copy_(picked)
+    return out
+
+
+def scatter_blocks_ref(src: torch.Tensor, dst: torch.Tensor, ids: torch.Tensor) -> None:
+    """dst[ids[i]] = src[i]: unpack a staging buffer into cache blocks (swap-in)."""
+    n = ids.numel()
+    if n == 0:
+        return
+    dst.index_copy_(0, ids.to(dst.device, torch.int64), src[:n].to(dst.device, dst.dtype))
