@@ -123,5 +123,5 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows = self.prepare(out)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         if not all_logits:
-            hidden = hidden.index_select(0, torch.tensor(sample_rows, device=hidden.device))
+            hidden = hidden.index_select(0, torch.tensor(sample_rows, dtype=torch.long, device=hidden.device))
         return self.model.compute_logits(hidden).float()

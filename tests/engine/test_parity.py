@@ -1,0 +1,50 @@
+"""Tier 2: our model implementations against transformers' on tiny random checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pensieve.engine import SamplingParams
+from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+from engine_helpers import FAMILIES, _hf_model, hf_greedy
+
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_logits_match_transformers(make_engine, tiny_checkpoint, family):
+    engine = make_engine(family)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, engine.model_config["vocab_size"], (45,)).tolist()
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=1))
+    req = engine.requests[rid]
+    # One chunk over the whole prompt, logits for every position.
+    assert engine.cache.grow(req, len(prompt))
+    logits = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(prompt))]), all_logits=True)
+    with torch.no_grad():
+        ref = _hf_model(tiny_checkpoint(family))(torch.tensor([prompt])).logits[0]
+    assert logits.shape == ref.shape
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+    engine.abort(rid)
+
+
+def test_gqa_checkpoints_are_really_gqa(make_engine):
+    for family in ("llama", "qwen2"):
+        cfg = make_engine(family).model_config
+        assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_32_greedy_tokens_identical(make_engine, tiny_checkpoint, family):
+    engine = make_engine(family)
+    prompt = engine.encode_chat([{"role": "user", "content": "What is a stateful cache for chat?"}])
+    ours = engine.generate([prompt], GREEDY)[0]
+    assert ours == hf_greedy(tiny_checkpoint(family), prompt, 32)
+
+
+def test_prompt_crossing_many_blocks_with_small_block_size(make_engine, tiny_checkpoint):
+    engine = make_engine("llama", block_size=4, num_gpu_blocks=64)
+    prompt = list(range(3, 70))
+    assert engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0] == \
+        hf_greedy(tiny_checkpoint("llama"), prompt, 12)

@@ -1,0 +1,170 @@
+"""Tier 1 units: block pool, scheduler decisions, sampler filters, config from CLI/env, checkpoint errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import pytest
+import torch
+
+from pensieve.engine import CheckpointError, EngineConfig, SamplingParams
+from pensieve.engine.block_pool import BlockPool
+from pensieve.engine.cache_manager import CacheManager
+from pensieve.engine.config import add_dataclass_args, dataclass_from_args
+from pensieve.engine.request import Request
+from pensieve.engine.sampling import Sampler, _apply_top_k, _apply_top_p
+from pensieve.engine.scheduler import Scheduler
+
+
+def test_block_pool_fifo_and_none_when_short():
+    pool = BlockPool(4)
+    assert pool.allocate(3) == [0, 1, 2]
+    assert pool.allocate(2) is None and pool.num_free == 1
+    pool.free([1])
+    assert pool.allocate(2) == [3, 1]
+    with pytest.raises(RuntimeError):
+        pool.free([0, 0])
+
+
+def _req(rid, n, max_tokens=4):
+    return Request(rid, list(range(n)), n, SamplingParams(max_tokens=max_tokens), max_tokens)
+
+
+def test_scheduler_fcfs_budget_and_exact_blocks():
+    cache = CacheManager(num_gpu_blocks=6, block_size=4)
+    sched = Scheduler(cache, max_num_batched_tokens=10, max_num_seqs=8)
+    a, b, c = _req("a", 6), _req("b", 9), _req("c", 3)
+    for r in (a, b, c):
+        sched.add(r)
+    out = sched.schedule()
+    assert [(ch.request.request_id, ch.start, ch.num_tokens) for ch in out.chunks] == [("a", 0, 6), ("b", 0, 4)]
+    assert a.block_ids == [0, 1] and b.block_ids == [2]
+    assert [r.request_id for r in sched.waiting] == ["c"]  # budget spent: c waits (FCFS, not skipped)
+    for ch in out.chunks:
+        ch.request.num_computed_tokens += ch.num_tokens
+    a.token_ids.append(99)  # a sampled a token
+    out = sched.schedule()
+    assert [(ch.request.request_id, ch.start, ch.num_tokens) for ch in out.chunks] == \
+        [("a", 6, 1), ("b", 4, 5), ("c", 0, 3)]
+    assert b.block_ids == [2, 3, 4] and c.block_ids == [5]
+
+
+def test_scheduler_preempts_newest_when_decode_runs_out():
+    cache = CacheManager(num_gpu_blocks=2, block_size=4)
+    sched = Scheduler(cache, max_num_batched_tokens=64, max_num_seqs=8)
+    old, new = _req("old", 4), _req("new", 4)
+    sched.add(old)
+    sched.add(new)
+    for ch in sched.schedule().chunks:
+        ch.request.num_computed_tokens += ch.num_tokens
+        ch.request.token_ids.append(7)
+    out = sched.schedule()  # both need a 2nd block; only the oldest can have one
+    assert [p.request_id for p in out.preempted] == ["new"]
+    assert [ch.request.request_id for ch in out.chunks] == ["old"] and old.block_ids == [0, 1]
+    assert sched.waiting[0] is new and new.block_ids == [] and new.num_computed_tokens == 0
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(_apply_top_k(logits, [2])).tolist() == [[True, False, False, True]]
+    probs = torch.softmax(logits, -1)[0]  # ~[.09, .64, .24, .03]
+    kept = ~torch.isinf(_apply_top_p(logits, [0.7]))
+    assert kept.tolist() == [[False, True, True, False]] and probs[1] < 0.7
+    kept = ~torch.isinf(_apply_top_p(logits, [0.5]))
+    assert kept.tolist() == [[False, True, False, False]]
+
+
+def test_sampler_greedy_and_seeded():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3), SamplingParams(top_k=1)]
+    gens = [None, torch.Generator().manual_seed(3), None]
+    tokens = Sampler()(logits, params, gens)
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
+    again = Sampler()(logits, params, [None, torch.Generator().manual_seed(3), None])
+    assert again == tokens
+
+
+def test_config_from_cli_env_and_defaults():
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, EngineConfig)
+    args = parser.parse_args(["--model", "m", "--block-size", "16"])
+    env = {"PENSIEVE_BLOCK_SIZE": "64", "PENSIEVE_NUM_GPU_BLOCKS": "99", "PENSIEVE_CACHE_MODE": "none"}
+    cfg = dataclass_from_args(EngineConfig, args, env)
+    assert (cfg.model, cfg.block_size, cfg.num_gpu_blocks, cfg.cache_mode, cfg.max_num_batched_tokens) == \
+        ("m", 16, 99, "none", 2048)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cache-mode", "bogus"])
+
+
+def test_checkpoint_errors_name_the_file(tiny_checkpoint, tmp_path):
+    from pensieve.engine import LLMEngine
+
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        LLMEngine(EngineConfig(model=str(tmp_path / "missing")))
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint("llama"), bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+        LLMEngine(EngineConfig(model=str(bad)))
+    with open(tiny_checkpoint("llama") + "/config.json") as f:
+        cfg = json.load(f)
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not supported"):
+        LLMEngine(EngineConfig(model=str(bad)))
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
+        LLMEngine(EngineConfig(model=str(bad)))
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        LLMEngine(EngineConfig(model=str(bad)))
+
+
+def test_dummy_load_needs_no_weights(tiny_checkpoint, tmp_path):
+    from pensieve.engine import LLMEngine
+
+    folder = tmp_path / "shape-only"
+    shutil.copytree(tiny_checkpoint("qwen2"), folder)
+    (folder / "model.safetensors").unlink()
+    engine = LLMEngine(EngineConfig(model=str(folder), load_format="dummy", num_gpu_blocks=16))
+    assert len(engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]) == 4
+
+
+def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pensieve.engine import LLMEngine
+
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_checkpoint("llama"), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        LLMEngine(EngineConfig(model=str(folder)))
+
+
+def test_sharded_checkpoint_loads(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pensieve.engine import LLMEngine
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoint("llama"), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    sharded = LLMEngine(EngineConfig(model=str(folder), num_gpu_blocks=16))
+    single = LLMEngine(EngineConfig(model=tiny_checkpoint("llama"), num_gpu_blocks=16))
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert sharded.generate([[4, 5, 6]], p) == single.generate([[4, 5, 6]], p)
