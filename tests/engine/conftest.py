@@ -14,6 +14,7 @@ def make_engine(tiny_checkpoint):
     def make(family="llama", **overrides):
         overrides.setdefault("num_gpu_blocks", 128)
         overrides.setdefault("block_size", 16)
+        overrides.setdefault("num_cpu_blocks", 64)
         engine = LLMEngine(EngineConfig(model=tiny_checkpoint(family), device="cpu", dtype="float32", **overrides))
         engines.append(engine)
         return engine

@@ -32,7 +32,7 @@ def _req(rid, n, max_tokens=4):
 
 
 def test_scheduler_fcfs_budget_and_exact_blocks():
-    cache = CacheManager(num_gpu_blocks=6, block_size=4)
+    cache = CacheManager(num_gpu_blocks=6, block_size=4, cache_mode="gpu-only")
     sched = Scheduler(cache, max_num_batched_tokens=10, max_num_seqs=8)
     a, b, c = _req("a", 6), _req("b", 9), _req("c", 3)
     for r in (a, b, c):
@@ -51,7 +51,7 @@ def test_scheduler_fcfs_budget_and_exact_blocks():
 
 
 def test_scheduler_preempts_newest_when_decode_runs_out():
-    cache = CacheManager(num_gpu_blocks=2, block_size=4)
+    cache = CacheManager(num_gpu_blocks=2, block_size=4, cache_mode="gpu-only")
     sched = Scheduler(cache, max_num_batched_tokens=64, max_num_seqs=8)
     old, new = _req("old", 4), _req("new", 4)
     sched.add(old)

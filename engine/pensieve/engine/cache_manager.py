@@ -1,19 +1,37 @@
-"""Sessions' cached contexts in the GPU tier, and reclaiming them under pressure.
+"""The cache tiers: sessions' contexts in GPU and CPU block pools, eviction, swap plans.
 
-The CacheManager owns the GPU BlockPool and every session. Blocks move between
-holders, never shared: a session's cache is handed to its next request at
-admission (``attach``) and handed back when the request ends (``release``).
-Idle sessions' caches are reclaimed by the eviction policy when a running
-request needs blocks that the pool no longer has.
+The CacheManager owns both BlockPools and every session. A block has exactly
+one holder: a running request (GPU blocks only) or a session's chunk. At
+admission a session's matching context moves to its request (``attach``):
+GPU chunks are used in place, CPU chunks are swapped in, dropped leading
+chunks are recomputed as a second query segment. When the request ends its
+GPU blocks go back to the session (``release``).
+
+Pressure, in the ``pensieve`` mode (the paper's design):
+- ahead of time, when free GPU blocks fall under ``swap_out_below``, the
+  lowest-value GPU chunks of idle sessions are copied to the CPU and stay valid
+  on the GPU until their slot is reclaimed;
+- ``reclaim`` takes GPU chunks in ascending retention value (leading chunks of
+  idle sessions first), copying those without a CPU copy first (urgent
+  swap-out); a full CPU tier drops its own lowest-value chunk (leading first);
+- new requests are admitted only while more than ``admit_above`` of the GPU
+  blocks stay free.
+``gpu-only`` keeps what stays in GPU memory (LRU, from the tail: a prefix
+cache). ``none`` keeps nothing between turns.
+
+Copies are only planned here (SwapPlan); the runner performs them.
 """
 from __future__ import annotations
 
+import heapq
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .block_pool import BlockPool
+from .cost_model import CostModel
 from .errors import UnknownSessionError
-from .request import Request, Session
+from .request import Chunk, Request, Session
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -24,28 +42,85 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
-# Eviction policies choose which idle session gives up blocks first.
-# A policy maps the idle sessions to the order in which they are reclaimed.
-EVICTION_POLICIES: dict[str, Callable[[list[Session]], list[Session]]] = {
-    "lru": lambda sessions: sorted(sessions, key=lambda s: s.last_active),
-}
+# ----------------------------------------------------------------- policies
+
+class EvictionPolicy:
+    """Ranks chunks for eviction: lower value goes first. Within a session the
+    leading chunk is always the candidate, so only (position, idle) matter."""
+
+    name = ""
+
+    def __init__(self, cost: CostModel):
+        self.cost = cost
+
+    def value(self, position: int, idle_seconds: float) -> float:
+        raise NotImplementedError
+
+
+class RetentionValuePolicy(EvictionPolicy):
+    """The paper's V = Cost(context position) / time since the session was last active."""
+
+    name = "retention"
+
+    def value(self, position: int, idle_seconds: float) -> float:
+        return self.cost.chunk_cost(position) / max(idle_seconds, 1e-6)
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently active session first, whatever the chunk's position."""
+
+    name = "lru"
+
+    def value(self, position: int, idle_seconds: float) -> float:
+        return -idle_seconds
+
+
+EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (RetentionValuePolicy, LRUPolicy)}
+
+
+# ----------------------------------------------------------------- plans and counters
+
+@dataclass
+class SwapPlan:
+    """Block copies for one step, as (source, destination) pairs of block ids."""
+
+    swap_in: list[tuple[int, int]] = field(default_factory=list)         # CPU -> GPU, before the layer reads
+    swap_out: list[tuple[int, int]] = field(default_factory=list)        # GPU -> CPU, before the slot is rewritten
+    swap_out_ahead: list[tuple[int, int]] = field(default_factory=list)  # GPU -> CPU, no deadline this step
+
+
+@dataclass
+class CacheStats:
+    swap_in_blocks: int = 0
+    swap_out_blocks: int = 0
+    evicted_tokens: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
+    context_tokens: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0, "recomputed": 0, "new": 0})
 
 
 class CacheManager:
-    def __init__(self, num_gpu_blocks: int, block_size: int, cache_mode: str = "pensieve", eviction: str = "lru"):
+    def __init__(self, num_gpu_blocks: int, block_size: int, cache_mode: str = "pensieve",
+                 eviction: str = "retention", num_cpu_blocks: int = 0, cost_model: CostModel | None = None,
+                 swap_out_below: float = 0.25, admit_above: float = 0.10,
+                 clock: Callable[[], float] = time.monotonic):
         self.block_size = block_size
         self.cache_mode = cache_mode
+        self.tiered = cache_mode == "pensieve"
         self.gpu = BlockPool(num_gpu_blocks)
+        self.cpu = BlockPool(num_cpu_blocks if self.tiered else 0)
+        self.policy = EVICTION_POLICIES[eviction](cost_model or CostModel([0, 1], [1.0, 1.0]))
+        self.swap_out_below = swap_out_below if self.tiered else 0.0
+        self.admit_above = admit_above if self.tiered else 0.0
+        self.clock = clock
         self.sessions: dict[str, Session] = {}
-        # Until the CPU tier exists, every mode reclaims idle caches LRU from their tail.
-        self._order = EVICTION_POLICIES["lru"]
-        self.evicted_tokens = 0
+        self.stats = CacheStats()
+        self._plan = SwapPlan()
+        self._cpu_free_after_step: list[int] = []
 
     # ------------------------------------------------------------- sessions
     def get_or_create_session(self, session_id: str, owner: str | None = None) -> Session:
         s = self.sessions.get(session_id)
         if s is None:
-            s = self.sessions[session_id] = Session(session_id, owner=owner)
+            s = self.sessions[session_id] = Session(session_id, owner=owner, last_active=self.clock())
         return s
 
     def get_session(self, session_id: str) -> Session:
@@ -56,80 +131,273 @@ class CacheManager:
 
     def delete_session(self, session_id: str) -> None:
         s = self.get_session(session_id)
-        self.gpu.free(s.block_ids)
-        s.block_ids, s.token_ids = [], []
+        self._free_chunks(s.chunks)
+        s.chunks, s.token_ids = [], []
         del self.sessions[session_id]
 
     @property
     def num_cached_session_tokens(self) -> int:
         return sum(s.num_cached for s in self.sessions.values())
 
-    # ------------------------------------------------------------- hand-over
-    def attach(self, req: Request) -> int:
-        """At admission: take over the session's cached prefix that matches the prompt."""
+    # ------------------------------------------------------------- admission and hand-over
+    def plan_attach(self, req: Request) -> tuple[int, int, int]:
+        """What admitting ``req`` would reuse: (matched tokens, leading tokens to
+        recompute, chunks that need a fresh GPU block). No side effects."""
         s = req.session
-        if s is None or not s.block_ids:
-            return 0
-        match = common_prefix_len(s.token_ids, req.token_ids)
-        match = min(match, len(req.token_ids) - 1)  # at least one token is computed, to get logits
+        if s is None or not s.chunks:
+            return 0, 0, 0
+        match = min(common_prefix_len(s.token_ids, req.token_ids), len(req.token_ids) - 1)
+        dropped = 0
+        while dropped < len(s.chunks) and s.chunks[dropped].dropped:
+            dropped += 1
+        recompute = dropped * self.block_size
+        if match <= recompute:  # nothing cached survives past the dropped prefix
+            return 0, 0, 0
         keep = self._blocks_for(match)
-        self.gpu.free(s.block_ids[keep:])
-        req.block_ids = s.block_ids[:keep]
+        missing = sum(1 for c in s.chunks[:keep] if c.gpu is None)
+        return match, recompute, missing
+
+    def admissible(self, num_blocks: int, req: Request | None = None) -> bool:
+        """Would ``num_blocks`` more GPU blocks leave more than the admission watermark free?
+        (``req``'s own session's blocks are not counted as reclaimable: it is about to use them.)"""
+        own = sum(1 for c in req.session.chunks if c.gpu is not None) if req is not None and req.session else 0
+        available = self.gpu.num_free + self.reclaimable_blocks() - own
+        return available - num_blocks >= max(self.admit_above * self.gpu.num_blocks, 0)
+
+    def attach(self, req: Request, match: int, recompute: int, count_context: bool = True) -> None:
+        """Move the session's first ``match`` tokens of context to ``req`` (see plan_attach)."""
+        s = req.session
+        bs = self.block_size
+        keep = self._blocks_for(match)
+        chunks = s.chunks if s is not None else []
+        if s is not None:
+            # Detach first: allocating below may reclaim, and must never touch these chunks.
+            s.chunks, s.token_ids = [], []
+        self._free_chunks(chunks[keep:])
+        chunks = chunks[:keep]
+        missing = sum(1 for c in chunks if c.gpu is None)
+        fresh = self._allocate_gpu(missing) if missing else []
+        if fresh is None:
+            raise AssertionError("attach() after admissible() could not get GPU blocks")
+        blocks: list[int] = []
+        source = {"gpu": 0, "cpu": 0, "recomputed": 0}
+        for i, c in enumerate(chunks):
+            tokens = min(bs, match - i * bs)
+            if c.gpu is not None:
+                blocks.append(c.gpu)
+                if c.cpu is not None:
+                    self.cpu.free([c.cpu])
+                source["gpu"] += tokens
+                continue
+            gpu = fresh.pop(0)
+            if c.cpu is not None:
+                self._plan.swap_in.append((c.cpu, gpu))
+                self._cpu_free_after_step.append(c.cpu)  # the copy reads it during this step
+                self.stats.swap_in_blocks += 1
+                source["cpu"] += tokens
+            else:
+                source["recomputed"] += tokens
+            blocks.append(gpu)
+        req.block_ids = blocks
         req.num_computed_tokens = match
-        s.block_ids, s.token_ids = [], []
-        return match
+        req.recompute_pos, req.recompute_end = 0, recompute
+        if count_context:
+            req.num_cached_tokens = source["gpu"] + source["cpu"]
+            for k, v in source.items():
+                self.stats.context_tokens[k] += v
+            self.stats.context_tokens["new"] += len(req.token_ids) - match
 
     def release(self, req: Request) -> None:
-        """A request ended (finished, aborted or preempted for good): its blocks go
-        back to its session's cache, or to the pool."""
+        """The request ended: its valid context goes back to its session, the rest to the pool."""
         s = req.session
         blocks, req.block_ids = req.block_ids, []
         if s is not None and s.active_request == req.request_id:
             s.active_request = None
-            s.last_active = time.monotonic()
-            if self.cache_mode != "none" and req.num_computed_tokens > 0:
-                n = req.num_computed_tokens
-                keep = self._blocks_for(n)
-                s.token_ids = req.token_ids[:n]
-                s.block_ids = blocks[:keep]
+            s.last_active = self.clock()
+            valid = req.num_valid_tokens
+            if self.cache_mode != "none" and valid > 0 and not s.internal:
+                keep = self._blocks_for(valid)
+                s.token_ids = req.token_ids[:valid]
+                s.chunks = [Chunk(gpu=b) for b in blocks[:keep]]
                 blocks = blocks[keep:]
+            if s.internal:
+                self.sessions.pop(s.session_id, None)
         self.gpu.free(blocks)
+
+    def suspend(self, req: Request) -> None:
+        """Take a running request off the GPU for now. Its context becomes its
+        session's evictable cache (an internal session if it has none), so it is
+        swapped out or dropped only as far as memory demands."""
+        if req.session is None:
+            sid = f"\x00suspended/{req.request_id}"
+            req.session = self.sessions[sid] = Session(sid, internal=True, active_request=req.request_id)
+        s = req.session
+        valid = req.num_valid_tokens
+        keep = self._blocks_for(valid)
+        s.token_ids = req.token_ids[:valid]
+        s.chunks = [Chunk(gpu=b) for b in req.block_ids[:keep]]
+        s.last_active = self.clock()
+        self.gpu.free(req.block_ids[keep:])
+        req.block_ids = []
+        req.num_computed_tokens = req.recompute_pos = req.recompute_end = 0
 
     # ------------------------------------------------------------- allocation
     def grow(self, req: Request, num_tokens: int) -> bool:
-        """Give ``req`` enough blocks for its first ``num_tokens`` tokens; False if impossible."""
+        """Give ``req`` blocks for its first ``num_tokens`` tokens; False if impossible."""
         need = self._blocks_for(num_tokens) - len(req.block_ids)
         if need <= 0:
             return True
-        ids = self.gpu.allocate(need)
-        if ids is None and self.reclaim(need - self.gpu.num_free):
-            ids = self.gpu.allocate(need)
+        ids = self._allocate_gpu(need)
         if ids is None:
             return False
         req.block_ids.extend(ids)
         return True
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return self.gpu.num_free + self.reclaimable_blocks() >= num_blocks
+    def _allocate_gpu(self, n: int) -> list[int] | None:
+        ids = self.gpu.allocate(n)
+        if ids is None and self.reclaim(n - self.gpu.num_free):
+            ids = self.gpu.allocate(n)
+        return ids
 
     def reclaimable_blocks(self) -> int:
-        return sum(len(s.block_ids) for s in self.sessions.values() if s.active_request is None)
+        return sum(1 for s in self.sessions.values() for c in s.chunks if c.gpu is not None)
 
     def reclaim(self, num_blocks: int) -> bool:
-        """Free at least ``num_blocks`` from idle sessions' caches (tail first). True on success."""
+        """Free at least ``num_blocks`` GPU blocks from sessions' caches. True on success."""
+        if not self.tiered:
+            return self._reclaim_tail(num_blocks)
         freed = 0
-        idle = [s for s in self.sessions.values() if s.active_request is None and s.block_ids]
-        for s in self._order(idle):
-            while s.block_ids and freed < num_blocks:
-                block = s.block_ids.pop()
-                keep_tokens = len(s.block_ids) * self.block_size
-                self.evicted_tokens += len(s.token_ids) - keep_tokens
+        for s, i in self._candidates(lambda c: c.gpu is not None):
+            if freed >= num_blocks:
+                break
+            c = s.chunks[i]
+            if c.cpu is None:
+                cpu = self._allocate_cpu()
+                if cpu is not None:
+                    self._plan.swap_out.append((c.gpu, cpu))
+                    self.stats.swap_out_blocks += 1
+                    c.cpu = cpu
+                else:  # no CPU tier to hold it: drop it, and the CPU chunks before it, keeping the order
+                    for earlier in s.chunks[:i]:
+                        if earlier.cpu is not None:
+                            self._drop_cpu_copy(s, earlier)
+            self.stats.evicted_tokens["gpu"] += self._chunk_tokens(s, i)
+            self.gpu.free([c.gpu])
+            c.gpu = None
+            freed += 1
+        return freed >= num_blocks
+
+    def _reclaim_tail(self, num_blocks: int) -> bool:
+        freed = 0
+        for s in sorted((s for s in self.sessions.values() if s.chunks), key=lambda s: s.last_active):
+            while s.chunks and freed < num_blocks:
+                c = s.chunks.pop()
+                keep_tokens = len(s.chunks) * self.block_size
+                self.stats.evicted_tokens["gpu"] += len(s.token_ids) - keep_tokens
                 del s.token_ids[keep_tokens:]
-                self.gpu.free([block])
+                self.gpu.free([c.gpu])
                 freed += 1
             if freed >= num_blocks:
-                return True
+                break
         return freed >= num_blocks
+
+    def _allocate_cpu(self) -> int | None:
+        """One CPU block; when the tier is full, drop its lowest-value chunk first."""
+        if self.cpu.num_blocks == 0:
+            return None
+        ids = self.cpu.allocate(1)
+        if ids is not None:
+            return ids[0]
+        for s, i in self._candidates(lambda c: c.cpu is not None):
+            self._drop_cpu_copy(s, s.chunks[i])
+            ids = self.cpu.allocate(1)
+            if ids is not None:
+                return ids[0]
+        return None
+
+    def _drop_cpu_copy(self, s: Session, c: Chunk) -> None:
+        self.cpu.free([c.cpu])
+        c.cpu = None
+        if c.gpu is None:
+            self.stats.evicted_tokens["cpu"] += self.block_size
+
+    def _candidates(self, has: Callable[[Chunk], bool]):
+        """Yield (session, chunk index) in ascending eviction value, each session's
+        leading qualifying chunk first. Values are taken at one instant."""
+        now = self.clock()
+        bs = self.block_size
+        heap = []
+        for n, s in enumerate(self.sessions.values()):
+            i = next((k for k, c in enumerate(s.chunks) if has(c)), None)
+            if i is not None:
+                idle = now - s.last_active
+                heap.append((self.policy.value(i * bs, idle), n, i, s, idle))
+        heapq.heapify(heap)
+        while heap:
+            _, n, i, s, idle = heapq.heappop(heap)
+            if i < len(s.chunks) and has(s.chunks[i]):
+                yield s, i
+            j = next((k for k in range(i + 1, len(s.chunks)) if has(s.chunks[k])), None)
+            if j is not None:
+                heapq.heappush(heap, (self.policy.value(j * bs, idle), n, j, s, idle))
+
+    # ------------------------------------------------------------- per step
+    def plan_swap_ahead(self) -> None:
+        """Copy idle GPU chunks to the CPU ahead of need while free GPU blocks are scarce."""
+        if not self.tiered or self.cpu.num_blocks == 0:
+            return
+        copied = sum(1 for s in self.sessions.values() for c in s.chunks if c.gpu is not None and c.cpu is not None)
+        target = self.swap_out_below * self.gpu.num_blocks
+        budget = max(1, self.gpu.num_blocks // 16)  # bound one step's extra PCIe traffic
+        if self.gpu.num_free + copied >= target:
+            return
+        want = min(budget, int(target - self.gpu.num_free - copied) + 1)
+        for s, i in self._candidates(lambda c: c.gpu is not None and c.cpu is None):
+            if want <= 0 or self.cpu.num_free == 0:
+                break
+            c = s.chunks[i]
+            c.cpu = self.cpu.allocate(1)[0]
+            self._plan.swap_out_ahead.append((c.gpu, c.cpu))
+            self.stats.swap_out_blocks += 1
+            want -= 1
+
+    def take_plan(self) -> SwapPlan:
+        plan, self._plan = self._plan, SwapPlan()
+        return plan
+
+    def finish_step(self) -> None:
+        """After the runner performed the step's copies: release swap-in sources."""
+        self.cpu.free(self._cpu_free_after_step)
+        self._cpu_free_after_step = []
+
+    # ------------------------------------------------------------- helpers
+    def _free_chunks(self, chunks: list[Chunk]) -> None:
+        self.gpu.free([c.gpu for c in chunks if c.gpu is not None])
+        self.cpu.free([c.cpu for c in chunks if c.cpu is not None])
+
+    def _chunk_tokens(self, s: Session, i: int) -> int:
+        return min(self.block_size, len(s.token_ids) - i * self.block_size)
 
     def _blocks_for(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
+
+    def check_invariants(self) -> None:
+        """Layout per session (dropped | CPU | GPU) and exact block accounting. For tests."""
+        gpu_held, cpu_held = [], []
+        for s in self.sessions.values():
+            assert len(s.chunks) == self._blocks_for(len(s.token_ids)) or not s.chunks, s
+            seen_resident = seen_gpu = False
+            for c in s.chunks:
+                if c.dropped:
+                    assert not seen_resident, f"{s.session_id}: dropped chunk after a resident one"
+                else:
+                    seen_resident = True
+                if c.gpu is not None:
+                    seen_gpu = True
+                elif c.cpu is not None:
+                    assert not seen_gpu, f"{s.session_id}: CPU-only chunk after a GPU chunk"
+                gpu_held += [c.gpu] if c.gpu is not None else []
+                cpu_held += [c.cpu] if c.cpu is not None else []
+        assert len(set(gpu_held)) == len(gpu_held) and len(set(cpu_held)) == len(cpu_held)
+        assert self.gpu.num_used >= len(gpu_held) and self.cpu.num_used >= len(cpu_held)
+        assert self.gpu.num_used <= self.gpu.num_blocks and self.cpu.num_used <= self.cpu.num_blocks

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +22,8 @@ import torch
 
 from .cache_manager import CacheManager
 from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
-from .config import EngineConfig
+from .config import EngineConfig, parse_bytes
+from .cost_model import CostModel, load_or_profile, profile_cache_path
 from .detokenizer import IncrementalDetokenizer
 from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError
 from .request import Request, RequestOutput, RequestStatus, Session
@@ -61,20 +63,34 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, self.device, self.dtype)
         num_blocks = config.num_gpu_blocks or self.runner.profile_num_blocks(self.max_model_len)
         self.runner.allocate_cache(num_blocks)
-        self.cache = CacheManager(num_blocks, config.block_size, config.cache_mode, config.eviction)
+        self.cost_model = self._cost_model(num_blocks)
+        num_cpu_blocks = self._num_cpu_blocks(num_blocks)
+        self.runner.allocate_cpu_cache(num_cpu_blocks)
+        self.cache = CacheManager(num_blocks, config.block_size, config.cache_mode, config.eviction,
+                                  num_cpu_blocks=num_cpu_blocks, cost_model=self.cost_model)
         self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens, config.max_num_seqs)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d, cache mode %s",
+        log.info("engine ready: %s on %s (%s), %d GPU-tier + %d CPU-tier blocks of %d tokens (%.2f MiB each), "
+                 "max_model_len %d, cache mode %s, eviction %s (cost: %s)",
                  self.model_config["architecture"], self.device, str(self.dtype).replace("torch.", ""),
-                 num_blocks, config.block_size, self.max_model_len, config.cache_mode)
+                 num_blocks, num_cpu_blocks, config.block_size, self.runner.bytes_per_block / 2**20,
+                 self.max_model_len, config.cache_mode, config.eviction, self.cost_model.source)
 
     # ---------------------------------------------------------------- API
     @property
     def num_gpu_blocks(self) -> int:
         return self.cache.gpu.num_blocks
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.cache.cpu.num_blocks
+
+    def swap_bytes(self, direction: str) -> int:
+        blocks = self.cache.stats.swap_in_blocks if direction == "in" else self.cache.stats.swap_out_blocks
+        return blocks * self.runner.bytes_per_block
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Render messages with the checkpoint's chat template and tokenize."""
@@ -142,6 +158,9 @@ class LLMEngine:
         if sched.is_empty:
             return []
         logits = self.runner.execute(sched)
+        self.cache.finish_step()
+        if logits is None:
+            return []
         return self._update(sched, logits)
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -164,6 +183,35 @@ class LLMEngine:
         return self.cache.get_session(session_id)
 
     # ---------------------------------------------------------------- internals
+    def _cost_model(self, num_gpu_blocks: int) -> CostModel:
+        """Measured chunk costs on CUDA (cached on disk), the analytic FLOP count elsewhere."""
+        analytic = CostModel.analytic(self.model_config, self.config.block_size, self.max_model_len)
+        if self.device.type != "cuda" or self.config.cache_mode != "pensieve" or self.config.eviction != "retention":
+            return analytic
+        name = torch.cuda.get_device_name(self.device)
+        path = profile_cache_path(self.model_config, name, str(self.dtype), self.config.block_size)
+        limit = min(self.max_model_len, (num_gpu_blocks - 2) * self.config.block_size)
+        try:
+            return load_or_profile(path, self.runner.time_chunk, limit)
+        except (RuntimeError, ValueError, OSError) as e:
+            log.warning("chunk cost profile failed (%s); using the analytic cost", e)
+            return analytic
+
+    def _num_cpu_blocks(self, num_gpu_blocks: int) -> int:
+        config = self.config
+        if config.cache_mode != "pensieve":
+            return 0
+        if config.num_cpu_blocks is not None:
+            return config.num_cpu_blocks
+        per_block = self.runner.bytes_per_block
+        if config.cpu_cache_bytes != "auto":
+            return parse_bytes(config.cpu_cache_bytes) // per_block
+        limit = host_memory_limit()
+        weights = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+        on_host = weights + num_gpu_blocks * per_block if self.device.type == "cpu" else 0
+        reserve = max(4 << 30, limit // 5) + on_host
+        return max(0, (limit - reserve) // per_block)
+
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -186,7 +234,10 @@ class LLMEngine:
         sampling = [c for c in sched.chunks if c.samples]
         tokens = self.sampler(logits, [c.request.params for c in sampling], [c.request.generator for c in sampling])
         for chunk in sched.chunks:
-            chunk.request.num_computed_tokens += chunk.num_tokens
+            if chunk.recompute:
+                chunk.request.recompute_pos += chunk.num_tokens
+            else:
+                chunk.request.num_computed_tokens += chunk.num_tokens
         outputs = []
         now = time.monotonic()
         for chunk, token in zip(sampling, tokens):
@@ -306,3 +357,16 @@ def _eos_ids(model_dir: str, cfg: dict, tokenizer) -> set[int]:
         elif isinstance(s, list):
             ids.update(x for x in s if isinstance(x, int))
     return ids
+
+
+def host_memory_limit() -> int:
+    """The container's cgroup memory limit, or the host's memory when unlimited."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(path).read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < host:
+            return int(raw)
+    return host

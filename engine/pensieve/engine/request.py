@@ -16,26 +16,59 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class Chunk:
+    """Where one block-sized piece of a session's context lives.
+
+    gpu and cpu are block ids in each tier's pool, or None. Both set: copied
+    ahead of time to the CPU, still valid on the GPU until that slot is
+    reclaimed. Neither set: dropped, to be recomputed from the token ids.
+    """
+
+    __slots__ = ("gpu", "cpu")
+
+    def __init__(self, gpu: int | None = None, cpu: int | None = None):
+        self.gpu, self.cpu = gpu, cpu
+
+    @property
+    def dropped(self) -> bool:
+        return self.gpu is None and self.cpu is None
+
+    def __repr__(self) -> str:
+        return f"Chunk(gpu={self.gpu}, cpu={self.cpu})"
+
+
 @dataclass(eq=False)
 class Session:
-    """A conversation's cached context, kept between turns.
+    """A conversation's context, kept between turns.
 
-    ``token_ids[:num_cached]`` have their keys/values in ``block_ids`` (GPU
-    tier). While a turn runs, the blocks belong to that request
-    (``active_request`` is set) and the session holds none.
+    ``token_ids`` is the whole context known to the cache; ``chunks[i]``
+    covers tokens ``[i*block_size, (i+1)*block_size)``. Oldest first, the
+    chunks are dropped | in CPU | in GPU (eviction takes leading chunks first,
+    which keeps that order). While a turn runs, its request owns the GPU
+    blocks (``active_request`` is set) and the session holds no chunks.
     """
 
     session_id: str
     owner: str | None = None
     token_ids: list[int] = field(default_factory=list)
-    block_ids: list[int] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
     last_active: float = field(default_factory=time.monotonic)
     active_request: str | None = None
     num_turns: int = 0
+    internal: bool = False  # made by the engine to hold a suspended request's context
 
     @property
     def num_cached(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """GPU blocks held (for inspection)."""
+        return [c.gpu for c in self.chunks if c.gpu is not None]
+
+    @property
+    def cpu_block_ids(self) -> list[int]:
+        return [c.cpu for c in self.chunks if c.cpu is not None]
 
 
 @dataclass(eq=False)
@@ -53,8 +86,13 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens found in the session's cache at admission
+    num_cached_tokens: int = 0  # prompt tokens found in the session's cache at admission (GPU or CPU)
+    # Dropped leading tokens being recomputed as a second query segment: positions
+    # [recompute_pos, recompute_end) still lack their KV; [recompute_end, num_computed_tokens) have it.
+    recompute_pos: int = 0
+    recompute_end: int = 0
     admitted: bool = False
+    suspended: bool = False
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     detokenizer: object | None = None
@@ -73,7 +111,14 @@ class Request:
     @property
     def num_pending_tokens(self) -> int:
         """Tokens whose KV still has to be computed before the next sample."""
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.recompute_end - self.recompute_pos + len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_valid_tokens(self) -> int:
+        """Leading tokens whose KV is in the request's blocks (contiguous from position 0)."""
+        if self.recompute_pos < self.recompute_end:
+            return self.recompute_pos
+        return self.num_computed_tokens
 
 
 @dataclass

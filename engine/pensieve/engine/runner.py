@@ -3,12 +3,14 @@ into one forward pass and returns the logits of the rows that sample."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from .checkpoint import load_model
 from .config import EngineConfig
 from .models import AttentionMetadata
+from .cache_manager import SwapPlan
 from .scheduler import SchedulerOutput
 
 log = logging.getLogger("pensieve.engine")
@@ -25,7 +27,9 @@ class ModelRunner:
         self.num_layers = len(self.model.layers)
         self.num_kv_heads, self.head_dim = self.model.num_kv_heads, self.model.head_dim
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.attention_impl = config.attention_impl
+        self.swapper: Swapper | None = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -76,6 +80,39 @@ class ModelRunner:
         self.kv_caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
                            torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
 
+    def allocate_cpu_cache(self, num_blocks: int) -> None:
+        """The CPU tier: same layout as the GPU cache, pinned when a GPU is attached."""
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        pin = self.device.type == "cuda"
+        self.cpu_caches = [(torch.empty(shape, dtype=self.dtype, pin_memory=pin),
+                            torch.empty(shape, dtype=self.dtype, pin_memory=pin)) for _ in range(self.num_layers)]
+        self.swapper = Swapper(self.kv_caches, self.cpu_caches, self.device)
+
+    @torch.inference_mode()
+    def time_chunk(self, position: int, repeats: int = 3) -> float:
+        """Seconds for one chunk's forward pass at context ``position`` (the cost profile).
+        Uses the first blocks of the GPU cache as scratch: call before serving."""
+        bs = self.block_size
+        n_blocks = (position + bs) // bs + 1
+        if n_blocks > self.kv_caches[0][0].shape[0]:
+            raise ValueError(f"profiling position {position} needs {n_blocks} blocks")
+        dev = self.device
+        ids = torch.randint(0, 100, (bs,), device=dev)
+        positions = torch.arange(position, position + bs, device=dev)
+        meta = AttentionMetadata(positions.clone(), torch.arange(n_blocks, dtype=torch.int32, device=dev)[None],
+                                 torch.tensor([0, bs], dtype=torch.int32, device=dev),
+                                 torch.tensor([position], dtype=torch.int32, device=dev), impl=self.attention_impl)
+        times = []
+        for _ in range(repeats + 1):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            start = time.perf_counter()
+            self.model.compute_logits(self.model(ids, positions, meta, self.kv_caches)[-1:])
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
     # ---------------------------------------------------------------- step
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -117,11 +154,108 @@ class ModelRunner:
         return to_dev(input_ids, torch.int64), to_dev(positions, torch.int64), meta, sample_rows
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
-        """Run one step. Returns float32 logits of the sampling rows, in chunk order
-        (of every token when ``all_logits``)."""
+    def execute(self, out: SchedulerOutput, all_logits: bool = False) -> torch.Tensor | None:
+        """Run one step: the swaps it plans and its forward pass. Returns float32
+        logits of the sampling rows, in chunk order (every token's when ``all_logits``)."""
+        swaps = out.swaps
+        has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
+        if has_swaps and self.swapper is None:
+            raise RuntimeError("swaps planned but no CPU tier is allocated")
+        if has_swaps:
+            self.swapper.begin(swaps)
+        if not out.chunks:
+            if has_swaps:
+                self.swapper.finish_without_compute()
+            return None
         input_ids, positions, meta, sample_rows = self.prepare(out)
+        if has_swaps:
+            meta.wait_for_layer = self.swapper.wait_for_layer
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        if has_swaps:
+            self.swapper.after_forward()
         if not all_logits:
             hidden = hidden.index_select(0, torch.tensor(sample_rows, dtype=torch.long, device=hidden.device))
         return self.model.compute_logits(hidden).float()
+
+
+class Swapper:
+    """Performs a step's block copies between the tiers, layer by layer.
+
+    Per layer i: urgent swap-outs (GPU blocks about to be rewritten this step)
+    first, then swap-ins; layer i's attention waits only for layer i's copies.
+    Ahead-of-time swap-outs run after the forward pass has been issued, so swap-in
+    goes first on the link. On CUDA the copies run on their own stream with one
+    event per layer and the next step's compute waits for the ahead-of-time
+    copies (their GPU slots may be reused then); on CPU the same calls run
+    synchronously, in the same order.
+    """
+
+    def __init__(self, gpu_caches, cpu_caches, device: torch.device):
+        self.gpu, self.cpu = gpu_caches, cpu_caches
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.events: list = []
+        self.ahead_done = None
+        self.plan: SwapPlan | None = None
+
+    def begin(self, plan: SwapPlan) -> None:
+        self.plan = plan
+        if not self.cuda:
+            self.done_layers = -1
+            return
+        compute = torch.cuda.current_stream()
+        if self.ahead_done is not None:
+            compute.wait_event(self.ahead_done)
+        self.stream.wait_stream(compute)  # copies read what earlier steps wrote
+        self.events = []
+        with torch.cuda.stream(self.stream):
+            for layer in range(len(self.gpu)):
+                self._copy_layer(layer, plan.swap_out, to_cpu=True)
+                self._copy_layer(layer, plan.swap_in, to_cpu=False)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                self.events.append(event)
+
+    def wait_for_layer(self, layer: int) -> None:
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(self.events[layer])
+            return
+        while self.done_layers < layer:  # CPU: copy up to this layer now
+            self.done_layers += 1
+            self._copy_layer(self.done_layers, self.plan.swap_out, to_cpu=True)
+            self._copy_layer(self.done_layers, self.plan.swap_in, to_cpu=False)
+
+    def after_forward(self) -> None:
+        plan = self.plan
+        if not self.cuda:
+            self.wait_for_layer(len(self.gpu) - 1)
+            for layer in range(len(self.gpu)):
+                self._copy_layer(layer, plan.swap_out_ahead, to_cpu=True)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for layer in range(len(self.gpu)):
+                self._copy_layer(layer, plan.swap_out_ahead, to_cpu=True)
+            self.ahead_done = torch.cuda.Event()
+            self.ahead_done.record(self.stream)
+        # A swap-in's source CPU block is freed after this step; its next use is a
+        # swap-out on this same stream, which runs after the read: no host wait.
+
+    def finish_without_compute(self) -> None:
+        if self.cuda:
+            for layer in range(len(self.gpu)):
+                torch.cuda.current_stream().wait_event(self.events[layer])
+        self.after_forward()
+
+    def _copy_layer(self, layer: int, pairs: list[tuple[int, int]], to_cpu: bool) -> None:
+        if not pairs:
+            return
+        src_caches, dst_caches = (self.gpu, self.cpu) if to_cpu else (self.cpu, self.gpu)
+        for src, dst in zip(src_caches[layer], dst_caches[layer]):
+            if self.cuda:  # pinned <-> device, asynchronous on the copy stream
+                for s, d in pairs:
+                    dst[d].copy_(src[s], non_blocking=True)
+            else:
+                s_ids = torch.tensor([p[0] for p in pairs])
+                d_ids = torch.tensor([p[1] for p in pairs])
+                dst.index_copy_(0, d_ids, src.index_select(0, s_ids))

@@ -1,33 +1,39 @@
-"""Unified-batch scheduler: one flat batch per step mixing prefill chunks and decodes.
+"""Unified-batch scheduler: one flat batch per step mixing prefill chunks,
+recompute segments and decodes.
 
-Policy: FCFS. Running requests are served first (each decode needs one token,
-a prefill continues with as many as the budget allows); then waiting requests
-are admitted in arrival order while the token budget, the sequence limit and
-the block pool allow. When a running request cannot get a block, the newest
-running request is preempted (its blocks freed, its tokens recomputed later).
-The step's decisions go to the runner as a SchedulerOutput.
+Policy: FCFS. Running requests are served first (a decode needs one token, a
+prefill continues with what the budget allows); then waiting requests are
+admitted in arrival order while the token budget, the sequence limit and the
+cache's admission rule allow (no skipping ahead). A request whose session lost
+leading chunks recomputes them in the same step as its new prompt: two query
+segments sharing one block table. When a running request cannot get a block,
+the newest running request is preempted: suspended into the cache tiers
+(``pensieve`` mode) or freed and recomputed later (other modes). The step's
+decisions reach the runner as a SchedulerOutput.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from .cache_manager import CacheManager
+from .cache_manager import CacheManager, SwapPlan
 from .request import Request, RequestStatus
 
 
 @dataclass
 class ScheduledChunk:
-    """``num_tokens`` tokens of ``request`` computed this step, starting at context position ``start``."""
+    """``num_tokens`` tokens of ``request`` computed this step, from context position ``start``.
+    ``recompute``: a dropped leading range being rebuilt (never samples)."""
 
     request: Request
     start: int
     num_tokens: int
+    recompute: bool = False
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the last known token, so the step samples a new one."""
-        return self.start + self.num_tokens == len(self.request.token_ids)
+        return not self.recompute and self.start + self.num_tokens == len(self.request.token_ids)
 
 
 @dataclass
@@ -36,11 +42,7 @@ class SchedulerOutput:
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    # Block copies the runner performs before (swap_in) or after (swap_out) the
-    # forward pass, as (source block, destination block) pairs. Filled by the
-    # CPU tier; empty while the engine has only the GPU tier.
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swaps: SwapPlan = field(default_factory=SwapPlan)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -48,7 +50,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not self.chunks and not (self.swaps.swap_in or self.swaps.swap_out or self.swaps.swap_out_ahead)
 
 
 class Scheduler:
@@ -65,6 +67,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_suspended(self) -> int:
+        return sum(1 for r in self.waiting if r.suspended)
+
     def remove(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
@@ -74,21 +80,17 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled: set[int] = set()
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_pending_tokens, budget)
-            if self.cache.grow(req, req.num_computed_tokens + n):
-                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
-                scheduled.add(id(req))
-                budget -= n
+            recompute, new = self._split(req, req.recompute_end - req.recompute_pos,
+                                         len(req.token_ids) - req.num_computed_tokens, budget)
+            if self.cache.grow(req, req.num_computed_tokens + new):
+                budget -= self._emit(out, req, recompute, new)
                 i += 1
                 continue
-            victim = self.running.pop()  # the newest running request gives way
-            if id(victim) in scheduled:  # cannot happen: victims come from the unscheduled tail
-                raise AssertionError("preempted a request already scheduled this step")
+            victim = self.running.pop()  # the newest running request gives way (never one scheduled already)
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is req:
@@ -96,23 +98,48 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
-            if not req.admitted:
-                req.num_cached_tokens = self.cache.attach(req)
-                req.admitted = True
-            n = min(req.num_pending_tokens, budget)
-            if not self.cache.grow(req, req.num_computed_tokens + n):
+            match, recompute_tokens, missing = self.cache.plan_attach(req)
+            recompute, new = self._split(req, recompute_tokens, len(req.token_ids) - match, budget)
+            bs = self.cache.block_size
+            need = missing + max(0, -(-(match + new) // bs) - (-(-match // bs)))
+            if not self.cache.admissible(need, req):
                 break
+            self.cache.attach(req, match, recompute_tokens, count_context=not req.admitted)
+            if not self.cache.grow(req, match + new):
+                raise AssertionError("admitted request could not grow")
+            req.admitted, req.suspended = True, False
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
-            budget -= n
+            budget -= self._emit(out, req, recompute, new)
+
+        self.cache.plan_swap_ahead()
+        out.swaps = self.cache.take_plan()
         return out
 
+    @staticmethod
+    def _split(req: Request, recompute_left: int, new_left: int, budget: int) -> tuple[int, int]:
+        """Tokens of the recompute segment and of the new segment this step; the
+        new segment starts only once the dropped range is complete."""
+        recompute = min(recompute_left, budget)
+        new = min(new_left, budget - recompute) if recompute == recompute_left else 0
+        return recompute, new
+
+    @staticmethod
+    def _emit(out: SchedulerOutput, req: Request, recompute: int, new: int) -> int:
+        if recompute:
+            out.chunks.append(ScheduledChunk(req, req.recompute_pos, recompute, recompute=True))
+        if new:
+            out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, new))
+        return recompute + new
+
     def _preempt(self, req: Request) -> None:
-        """Recompute-style preemption: free its blocks; it re-enters at the head of the queue."""
-        self.cache.gpu.free(req.block_ids)
-        req.block_ids = []
-        req.num_computed_tokens = 0
+        if self.cache.tiered:
+            self.cache.suspend(req)
+            req.suspended = True
+        else:  # recompute-style: free everything, start over later
+            self.cache.gpu.free(req.block_ids)
+            req.block_ids = []
+            req.num_computed_tokens = req.recompute_pos = req.recompute_end = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

@@ -1,0 +1,218 @@
+"""The Pensieve cache tiers: eviction order (exact chunk ids), swap plans,
+admission, and the invariant that no cache history changes a turn's tokens."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+
+from pensieve.engine import SamplingParams
+from pensieve.engine.cache_manager import CacheManager
+from pensieve.engine.cost_model import CostModel
+from pensieve.engine.request import Chunk, Request
+
+BS = 4
+
+
+class Clock:
+    def __init__(self, t=100.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def make_cache(eviction, gpu=8, cpu=4, clock=None):
+    # Cost grows with position: chunk at position p costs 1 + p.
+    return CacheManager(gpu, BS, "pensieve", eviction, num_cpu_blocks=cpu,
+                        cost_model=CostModel([0, 100], [1.0, 101.0]), clock=clock or Clock())
+
+
+def put_session(cache, sid, num_chunks, last_active):
+    s = cache.get_or_create_session(sid)
+    s.token_ids = list(range(1000 * len(cache.sessions), 1000 * len(cache.sessions) + num_chunks * BS))
+    s.chunks = [Chunk(gpu=b) for b in cache.gpu.allocate(num_chunks)]
+    s.last_active = last_active
+    return s
+
+
+def layout(s):
+    return [("drop" if c.dropped else (f"g{c.gpu}" if c.cpu is None else
+             (f"c{c.cpu}" if c.gpu is None else f"g{c.gpu}+c{c.cpu}"))) for c in s.chunks]
+
+
+@pytest.mark.parametrize("eviction,expected_out", [
+    # A idle 10 s, B idle 5 s. V(A) = 0.1, 0.5, 0.9; V(B) = 0.2, 1.0.
+    ("retention", [(0, 0), (3, 1), (1, 2), (2, 3)]),
+    # LRU: all of A (leading first), then B.
+    ("lru", [(0, 0), (1, 1), (2, 2), (3, 3)]),
+])
+def test_gpu_eviction_order_exact(eviction, expected_out):
+    cache = make_cache(eviction, gpu=6, cpu=4)
+    a = put_session(cache, "A", 3, last_active=90.0)   # GPU blocks 0,1,2
+    b = put_session(cache, "B", 2, last_active=95.0)   # GPU blocks 3,4
+    assert cache.reclaim(4)
+    assert cache.take_plan().swap_out == expected_out
+    cache.check_invariants()
+    assert cache.gpu.num_free == 5 and cache.cpu.num_free == 0
+    resident = layout(a) + layout(b)
+    assert sum(x.startswith("g") for x in resident) == 1
+
+
+def test_full_cpu_tier_drops_lowest_value_leading_chunk():
+    cache = make_cache("lru", gpu=6, cpu=2)
+    a = put_session(cache, "A", 3, last_active=90.0)
+    put_session(cache, "B", 2, last_active=95.0)
+    assert cache.reclaim(3)
+    # A0 -> cpu0, A1 -> cpu1, then the CPU tier is full: A0 (lowest value) is dropped, A2 takes cpu0.
+    assert cache.take_plan().swap_out == [(0, 0), (1, 1), (2, 0)]
+    assert layout(a) == ["drop", "c1", "c0"]
+    assert cache.stats.evicted_tokens == {"gpu": 12, "cpu": 4}
+    cache.check_invariants()
+
+
+def test_retention_prefers_long_idle_and_leading_chunks_across_sessions():
+    cache = make_cache("retention", gpu=8, cpu=8)
+    busy = put_session(cache, "busy", 4, last_active=99.9)   # idle 0.1 s: V >= 10
+    idle = put_session(cache, "idle", 4, last_active=50.0)    # idle 50 s: V <= 0.3
+    assert cache.reclaim(4)
+    assert layout(idle) == ["c0", "c1", "c2", "c3"] and layout(busy) == ["g0", "g1", "g2", "g3"]
+
+
+def test_no_cpu_tier_drops_leading_chunks():
+    cache = make_cache("retention", gpu=4, cpu=0)
+    a = put_session(cache, "A", 4, last_active=90.0)
+    assert cache.reclaim(2)
+    assert layout(a) == ["drop", "drop", "g2", "g3"]
+    assert cache.take_plan().swap_out == []
+
+
+def test_ahead_of_time_copy_keeps_gpu_copy_valid():
+    cache = make_cache("retention", gpu=8, cpu=8)
+    a = put_session(cache, "A", 4, last_active=90.0)
+    put_session(cache, "B", 3, last_active=95.0)
+    assert cache.gpu.num_free == 1  # under 25% of 8
+    cache.plan_swap_ahead()
+    plan = cache.take_plan()
+    assert plan.swap_out_ahead == [(0, 0)] and plan.swap_out == []
+    assert layout(a)[0] == "g0+c0"
+    # Reclaiming that chunk later needs no copy: its CPU copy is already there.
+    assert cache.reclaim(1)
+    assert cache.take_plan().swap_out == [] and layout(a)[0] == "c0"
+
+
+def test_attach_plans_recompute_swap_in_and_reuse():
+    cache = make_cache("retention", gpu=10, cpu=4)
+    s = cache.get_or_create_session("S")
+    s.token_ids = list(range(16))
+    g = cache.gpu.allocate(2)
+    c = cache.cpu.allocate(2)
+    s.chunks = [Chunk(), Chunk(cpu=c[0]), Chunk(gpu=g[0], cpu=c[1]), Chunk(gpu=g[1])]
+    cache.check_invariants()
+    prompt = list(range(16)) + [77, 78, 79]
+    req = Request("r", prompt, len(prompt), SamplingParams(), 4, session=s)
+    s.active_request = "r"
+    match, recompute, missing = cache.plan_attach(req)
+    assert (match, recompute, missing) == (16, 4, 2)
+    cache.attach(req, match, recompute)
+    plan = cache.take_plan()
+    assert plan.swap_in == [(c[0], req.block_ids[1])]
+    assert req.block_ids[2:] == g and (req.recompute_pos, req.recompute_end, req.num_computed_tokens) == (0, 4, 16)
+    assert req.num_cached_tokens == 12
+    assert cache.stats.context_tokens == {"gpu": 8, "cpu": 4, "recomputed": 4, "new": 3}
+    cache.finish_step()
+    cache.release(req)
+    assert cache.cpu.num_free == 4
+
+
+def test_admission_keeps_ten_percent_free():
+    cache = make_cache("retention", gpu=20, cpu=0)
+    assert cache.admissible(18) and not cache.admissible(19)
+
+
+# ------------------------------------------------------------------ engine-level invariant
+
+
+def _turns(seed, n_sessions, n_turns):
+    rng = random.Random(seed)
+    return {f"s{i}": [[rng.randrange(8, 500) for _ in range(rng.randint(3, 40))] for _ in range(n_turns)]
+            for i in range(n_sessions)}
+
+
+def _oracle(engine, prompt, max_tokens):
+    return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))[0]
+
+
+def run_interleaved(engine, oracle, seed, n_sessions=5, n_turns=4, max_tokens=10):
+    """Sessions advance in a random interleaving, several in flight at once.
+    Each turn sends the full history; its greedy tokens must equal a stateless recompute."""
+    rng = random.Random(seed)
+    turns = _turns(seed, n_sessions, n_turns)
+    history = {sid: [] for sid in turns}
+    next_turn = {sid: 0 for sid in turns}
+    in_flight: dict[str, tuple[str, list[int]]] = {}
+    produced: dict[str, list[int]] = {}
+    checked = 0
+    while any(next_turn[s] < n_turns for s in turns) or in_flight:
+        idle = [s for s in turns if s not in {v[0] for v in in_flight.values()} and next_turn[s] < n_turns]
+        for sid in rng.sample(idle, k=rng.randint(0, len(idle))):
+            prompt = history[sid] + turns[sid][next_turn[sid]]
+            rid = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                                     session_id=sid)
+            in_flight[rid] = (sid, prompt)
+            produced[rid] = []
+            next_turn[sid] += 1
+        for _ in range(rng.randint(1, 4)):
+            for out in engine.step():
+                produced[out.request_id].extend(out.new_token_ids)
+                if out.finished:
+                    sid, prompt = in_flight.pop(out.request_id)
+                    assert produced[out.request_id] == _oracle(oracle, prompt, max_tokens), (sid, len(prompt))
+                    history[sid] = prompt + produced[out.request_id]
+                    checked += 1
+            engine.cache.check_invariants()
+    return checked
+
+
+# CI runs a fixed set of examples; PENSIEVE_HYPOTHESIS_EXAMPLES=200 explores more (random seeds).
+_EXAMPLES = int(os.environ.get("PENSIEVE_HYPOTHESIS_EXAMPLES", "6"))
+
+
+@settings(max_examples=_EXAMPLES, deadline=None, derandomize=_EXAMPLES <= 6, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), gpu_blocks=st.integers(14, 30), cpu_blocks=st.integers(0, 12),
+       eviction=st.sampled_from(["retention", "lru"]))
+def test_invariant_random_interleavings(make_engine, seed, gpu_blocks, cpu_blocks, eviction):
+    engine = make_engine("llama", num_gpu_blocks=gpu_blocks, num_cpu_blocks=cpu_blocks, eviction=eviction,
+                         max_num_batched_tokens=64)
+    oracle = _shared_oracle(make_engine)
+    assert run_interleaved(engine, oracle, seed) == 20
+    for sid in list(engine.cache.sessions):
+        engine.delete_session(sid)
+    assert engine.cache.gpu.num_free == gpu_blocks and engine.cache.cpu.num_free == cpu_blocks
+
+
+_ORACLE = {}
+
+
+def _shared_oracle(make_engine):
+    if "e" not in _ORACLE:
+        _ORACLE["e"] = make_engine("llama", cache_mode="none", num_gpu_blocks=256)
+    return _ORACLE["e"]
+
+
+def test_pressure_exercises_every_path(make_engine):
+    """One fixed run small enough to need swap-out, swap-in, drop, recompute and suspension."""
+    engine = make_engine("llama", num_gpu_blocks=16, num_cpu_blocks=6, max_num_batched_tokens=48)
+    oracle = make_engine("llama", cache_mode="none", num_gpu_blocks=256)
+    assert run_interleaved(engine, oracle, seed=7, n_sessions=6, n_turns=4) == 24
+    src = engine.cache.stats.context_tokens
+    assert src["cpu"] > 0, src
+    assert src["recomputed"] > 0, src
+    assert src["gpu"] > 0 and src["new"] > 0
+    assert engine.cache.stats.swap_out_blocks > 0 and engine.cache.stats.swap_in_blocks > 0
+    assert engine.cache.stats.evicted_tokens["cpu"] > 0
+    assert engine.stats.preemptions > 0
+    assert engine.swap_bytes("in") == engine.cache.stats.swap_in_blocks * engine.runner.bytes_per_block
