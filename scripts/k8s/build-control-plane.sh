@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Builds kube-apiserver, kube-controller-manager and kube-scheduler (and kubectl)
+# from Debian bookworm's `kubernetes` source package (Kubernetes 1.20.2), without
+# Docker and without downloads other than Debian packages. Idempotent: binaries
+# are cached under ~/.cache/pensieve/k8s-<version>/bin and a rerun returns at once.
+#
+#   bash scripts/k8s/build-control-plane.sh        # prints the bin directory last
+#
+# Env: PENSIEVE_K8S_CACHE (default ~/.cache/pensieve/k8s-1.20.2),
+#      PENSIEVE_K8S_WHAT (extra make targets, default "cmd/kubectl").
+set -euo pipefail
+version=1.20.2
+cache="${PENSIEVE_K8S_CACHE:-$HOME/.cache/pensieve/k8s-$version}"
+bin="$cache/bin"
+targets=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+log() { echo "[k8s-build $(date +%H:%M:%S)] $*" >&2; }
+
+have_all() { for t in "${targets[@]}"; do [ -x "$bin/$t" ] || return 1; done; command -v etcd >/dev/null; }
+if have_all; then log "cached: $bin"; echo "$bin"; exit 0; fi
+
+mkdir -p "$cache"
+# One build at a time on this machine (the cores are shared).
+exec 9>"$cache/.lock"
+log "waiting for the build lock $cache/.lock"
+flock 9
+if have_all; then log "cached (built by another process): $bin"; echo "$bin"; exit 0; fi
+
+apt_opts=(-o DPkg::Lock::Timeout=900 -o Acquire::Retries=3)
+sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+
+need_pkgs=()
+for p in golang-go rsync jq etcd-server iproute2; do
+    dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    log "apt-get install ${need_pkgs[*]}"
+    $sudo_ apt-get "${apt_opts[@]}" update -qq || true
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
+fi
+
+src="$cache/src"
+if [ ! -f "$src/.unpacked" ]; then
+    # A deb-src entry derived from the configured Debian entry, with its own
+    # source-parts directory and lists directory so the normal lists stay intact.
+    aptdir="$cache/apt"
+    mkdir -p "$aptdir/sources.list.d" "$aptdir/lists/partial"
+    sources=/etc/apt/sources.list.d/debian.sources
+    if [ -f "$sources" ]; then
+        sed 's/^Types: deb$/Types: deb-src/' "$sources" > "$aptdir/sources.list.d/debian-src.sources"
+    else
+        grep -h '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' > "$aptdir/sources.list.d/debian-src.list"
+    fi
+    src_opts=(-o "Dir::Etc::SourceParts=$aptdir/sources.list.d" -o "Dir::Etc::SourceList=/dev/null"
+              -o "Dir::State::Lists=$aptdir/lists" "${apt_opts[@]}")
+    log "apt-get update (deb-src lists in $aptdir/lists)"
+    apt-get "${src_opts[@]}" update -qq >&2
+    dl="$cache/dl"; mkdir -p "$dl"
+    log "apt-get source --download-only kubernetes"
+    (cd "$dl" && apt-get "${src_opts[@]}" source --download-only "kubernetes=$version*" >&2 \
+        || apt-get "${src_opts[@]}" source --download-only kubernetes >&2)
+    orig="$(ls "$dl"/kubernetes_*.orig.tar.* | head -1)"
+    log "unpacking $(basename "$orig")"
+    rm -rf "$src" "$src.tmp"; mkdir -p "$src.tmp"
+    tar -xf "$orig" -C "$src.tmp"
+    inner="$(find "$src.tmp" -mindepth 1 -maxdepth 1 -type d | head -1)"
+    mv "$inner" "$src"; rm -rf "$src.tmp"
+    touch "$src/.unpacked"
+fi
+
+gopath="$cache/gopath"
+mkdir -p "$gopath/src/k8s.io" "$cache/home"
+ln -sfn "$src" "$gopath/src/k8s.io/kubernetes"
+what="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler ${PENSIEVE_K8S_WHAT-cmd/kubectl}"
+log "make WHAT=\"$what\" (about 6 minutes on 2 cores)"
+start=$(date +%s)
+(
+    cd "$gopath/src/k8s.io/kubernetes"
+    export GOPATH="$gopath" CGO_ENABLED=0 HOME="$cache/home" GO111MODULE="${GO111MODULE:-off}"
+    export GOFLAGS="${GOFLAGS:-}" GOCACHE="$cache/gocache" KUBE_VERBOSE=1
+    # Debian's source has no .git; the version comes from these variables.
+    export KUBE_GIT_VERSION="v$version" KUBE_GIT_TREE_STATE=clean KUBE_GIT_MAJOR=1 KUBE_GIT_MINOR=20
+    make WHAT="$what" >&2
+)
+log "build took $(( $(date +%s) - start )) s"
+mkdir -p "$bin"
+out="$src/_output/local/bin/$(go env GOOS)/$(go env GOARCH)"
+[ -d "$out" ] || out="$src/_output/bin"
+for t in "${targets[@]}"; do
+    if [ -x "$out/$t" ]; then install -m 0755 "$out/$t" "$bin/$t"; fi
+done
+for t in kube-apiserver kube-controller-manager kube-scheduler; do
+    [ -x "$bin/$t" ] || { log "missing $t after build"; exit 1; }
+done
+# Free the space the build used, keep the binaries.
+rm -rf "$cache/gocache" "$src" "$gopath"
+log "done: $bin"
+echo "$bin"
