@@ -15,7 +15,12 @@ bin="$cache/bin"
 targets=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 log() { echo "[k8s-build $(date +%H:%M:%S)] $*" >&2; }
 
-have_all() { for t in "${targets[@]}"; do [ -x "$bin/$t" ] || return 1; done; command -v etcd >/dev/null; }
+# Bump when the source patches change: binaries built without them are rebuilt.
+build_id="reflect2-go118-1"
+have_all() {
+    for t in "${targets[@]}"; do [ -x "$bin/$t" ] || return 1; done
+    [ "$(cat "$bin/.build-id" 2>/dev/null)" = "$build_id" ] && command -v etcd >/dev/null
+}
 if have_all; then log "cached: $bin"; echo "$bin"; exit 0; fi
 
 mkdir -p "$cache"
@@ -67,6 +72,29 @@ if [ ! -f "$src/.unpacked" ]; then
     touch "$src/.unpacked"
 fi
 
+# Kubernetes 1.20 vendors github.com/modern-go/reflect2 v1.0.1, whose map iteration
+# calls reflect.mapiterinit with the pre-Go-1.18 signature; built with Debian's Go 1.19
+# the API server then segfaults encoding maps (json-iterator). Apply the fix of
+# reflect2 v1.0.2: the caller allocates the iterator.
+r2="$src/vendor/github.com/modern-go/reflect2"
+if grep -q 'func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer) \*hiter' "$r2/unsafe_link.go"; then
+    log "patching vendored reflect2 for Go >= 1.18"
+    sed -i 's|func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer) \*hiter|func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer, it *hiter)|' "$r2/unsafe_link.go"
+    python3 - "$r2/unsafe_map.go" <<'PY'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+old = """	return &UnsafeMapIterator{
+		hiter:      mapiterinit(type2.rtype, *(*unsafe.Pointer)(obj)),"""
+new = """	var it hiter
+	mapiterinit(type2.rtype, *(*unsafe.Pointer)(obj), &it)
+	return &UnsafeMapIterator{
+		hiter:      &it,"""
+assert old in s, "reflect2 unsafe_map.go changed"
+open(p, "w").write(s.replace(old, new))
+PY
+fi
+
 gopath="$cache/gopath"
 mkdir -p "$gopath/src/k8s.io" "$cache/home"
 ln -sfn "$src" "$gopath/src/k8s.io/kubernetes"
@@ -91,6 +119,7 @@ done
 for t in kube-apiserver kube-controller-manager kube-scheduler; do
     [ -x "$bin/$t" ] || { log "missing $t after build"; exit 1; }
 done
+echo "$build_id" > "$bin/.build-id"
 # Free the space the build used, keep the binaries.
 rm -rf "$cache/gocache" "$src" "$gopath"
 log "done: $bin"

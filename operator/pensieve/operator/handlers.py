@@ -32,6 +32,12 @@ _states: dict[tuple[str, str], _KeyState] = {}
 _runtime: dict[str, Any] = {}
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> Any:
+    """In a pod: the service account; elsewhere: $KUBECONFIG, read at login time."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
     s = Settings.from_env()

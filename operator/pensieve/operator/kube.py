@@ -3,6 +3,7 @@ every kind and API version (the versions come from discovery at run time)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from kubernetes import client, config
@@ -25,11 +26,31 @@ class ApiError(Exception):
         self.body = body
 
 
+def raw_request(api: client.ApiClient, method: str, path: str, body: Any = None, *,
+                content_type: str = "application/json", query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """One REST call with the client's configuration and credentials; JSON in, JSON out."""
+    _m, url, headers, data, post = api.param_serialize(
+        method=method, resource_path=path, query_params=query or [],
+        header_params={"Accept": "application/json", "Content-Type": content_type},
+        body=body, auth_settings=["BearerToken"])
+    resp = api.call_api(_m, url, header_params=headers, body=data, post_params=post)
+    raw = resp.read()
+    text = raw.decode() if isinstance(raw, bytes) else (raw or "")
+    if resp.status == 404:
+        raise NotFound(path)
+    if resp.status == 409:
+        raise Conflict(text)
+    if not 200 <= resp.status < 300:
+        raise ApiError(resp.status, text)
+    return json.loads(text) if text else {}
+
+
 def load_config() -> client.ApiClient:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        # KUBECONFIG is read now, not when the kubernetes package was imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
     return client.ApiClient()
 
 
@@ -39,19 +60,7 @@ class Kube:
 
     def request(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
                 query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        try:
-            resp = self.api.call_api(path, method, query_params=query or [], header_params=headers, body=body,
-                                     auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True)
-        except client.ApiException as e:
-            text = e.body.decode() if isinstance(e.body, bytes) else str(e.body)
-            if e.status == 404:
-                raise NotFound(path) from None
-            if e.status == 409:
-                raise Conflict(text) from None
-            raise ApiError(e.status, text) from None
-        data = resp.data
-        return json.loads(data) if data else {}
+        return raw_request(self.api, method, path, body, content_type=content_type, query=query)
 
     # Objects -----------------------------------------------------------------------------------------
     def get(self, api: ApiRef, namespace: str | None, name: str) -> dict[str, Any]:
