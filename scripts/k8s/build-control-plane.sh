@@ -16,7 +16,7 @@ targets=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 log() { echo "[k8s-build $(date +%H:%M:%S)] $*" >&2; }
 
 # Bump when the source patches change: binaries built without them are rebuilt.
-build_id="reflect2-go118-1"
+build_id="reflect2-go118-2"
 have_all() {
     for t in "${targets[@]}"; do [ -x "$bin/$t" ] || return 1; done
     [ "$(cat "$bin/.build-id" 2>/dev/null)" = "$build_id" ] && command -v etcd >/dev/null
@@ -73,25 +73,51 @@ if [ ! -f "$src/.unpacked" ]; then
 fi
 
 # Kubernetes 1.20 vendors github.com/modern-go/reflect2 v1.0.1, whose map iteration
-# calls reflect.mapiterinit with the pre-Go-1.18 signature; built with Debian's Go 1.19
-# the API server then segfaults encoding maps (json-iterator). Apply the fix of
-# reflect2 v1.0.2: the caller allocates the iterator.
+# links to reflect.mapiterinit with its pre-Go-1.18 signature; built with Debian's Go 1.19
+# the API server crashes encoding maps (json-iterator, e.g. every custom resource).
+# Replace that iteration with one through the reflect package's public MapRange.
 r2="$src/vendor/github.com/modern-go/reflect2"
-if grep -q 'func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer) \*hiter' "$r2/unsafe_link.go"; then
-    log "patching vendored reflect2 for Go >= 1.18"
-    sed -i 's|func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer) \*hiter|func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer, it *hiter)|' "$r2/unsafe_link.go"
+if ! grep -q "pensieve: reflect-based map iteration" "$r2/unsafe_map.go"; then
+    log "patching vendored reflect2 map iteration for Go >= 1.18"
     python3 - "$r2/unsafe_map.go" <<'PY'
-import sys
+import re, sys
 p = sys.argv[1]
 s = open(p).read()
-old = """	return &UnsafeMapIterator{
-		hiter:      mapiterinit(type2.rtype, *(*unsafe.Pointer)(obj)),"""
-new = """	var it hiter
-	mapiterinit(type2.rtype, *(*unsafe.Pointer)(obj), &it)
-	return &UnsafeMapIterator{
-		hiter:      &it,"""
-assert old in s, "reflect2 unsafe_map.go changed"
-open(p, "w").write(s.replace(old, new))
+start = s.index("func (type2 *UnsafeMapType) UnsafeIterate(obj unsafe.Pointer) MapIterator {")
+end = s.index("\n}\n", start) + 3
+s = s[:start] + """// pensieve: reflect-based map iteration (reflect.mapiterinit changed its signature in Go 1.18).
+func (type2 *UnsafeMapType) UnsafeIterate(obj unsafe.Pointer) MapIterator {
+	m := reflect.NewAt(type2.safeType.Type, obj).Elem()
+	it := &reflectMapIterator{iter: m.MapRange()}
+	it.has = it.iter.Next()
+	return it
+}
+
+type reflectMapIterator struct {
+	iter *reflect.MapIter
+	has  bool
+}
+
+func (it *reflectMapIterator) HasNext() bool {
+	return it.has
+}
+
+func (it *reflectMapIterator) Next() (interface{}, interface{}) {
+	k, v := it.iter.Key().Interface(), it.iter.Value().Interface()
+	it.has = it.iter.Next()
+	return k, v
+}
+
+func (it *reflectMapIterator) UnsafeNext() (unsafe.Pointer, unsafe.Pointer) {
+	k := reflect.New(it.iter.Key().Type())
+	k.Elem().Set(it.iter.Key())
+	v := reflect.New(it.iter.Value().Type())
+	v.Elem().Set(it.iter.Value())
+	it.has = it.iter.Next()
+	return unsafe.Pointer(k.Pointer()), unsafe.Pointer(v.Pointer())
+}
+""" + s[end:]
+open(p, "w").write(s)
 PY
 fi
 
@@ -121,6 +147,7 @@ for t in kube-apiserver kube-controller-manager kube-scheduler; do
 done
 echo "$build_id" > "$bin/.build-id"
 # Free the space the build used, keep the binaries.
-rm -rf "$cache/gocache" "$src" "$gopath"
+# The Go build cache stays (a rebuild after a patch then takes a minute); the outputs go.
+rm -rf "$src/_output"
 log "done: $bin"
 echo "$bin"
