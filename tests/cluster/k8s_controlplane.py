@@ -113,7 +113,8 @@ current-context: pensieve
             "--service-cluster-ip-range=10.96.0.0/16",
             "--endpoint-reconciler-type=none",  # loopback is not a valid endpoint address
             "--advertise-address=10.96.0.1",
-            "--disable-admission-plugins=ServiceAccount",  # no token controller secrets needed for stand-in pods
+            # No token-controller secrets for stand-in pods; fake nodes are created Ready (no not-ready taint).
+            "--disable-admission-plugins=ServiceAccount,TaintNodesByCondition",
             "--allow-privileged=true", "--profiling=false", "--enable-priority-and-fairness=false",
             "--watch-cache=true", "--v=1",
         ])

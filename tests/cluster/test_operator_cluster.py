@@ -60,7 +60,13 @@ def wait_ready(co, ns, name, timeout=60, generation=None):
         o = get_pdep(co, ns, name)
         gen = generation or o["metadata"]["generation"]
         return o if condition(o, "Ready").get("status") == "True" and o["status"].get("observedGeneration") == gen else None
-    return wait_for(ok, timeout, f"{ns}/{name} Ready")
+    try:
+        return wait_for(ok, timeout, f"{ns}/{name} Ready")
+    except AssertionError as e:
+        o = get_pdep(co, ns, name)
+        pods = client.CoreV1Api(co.api_client).list_namespaced_pod(ns).items
+        pod_info = [(p.metadata.name, p.spec.node_name, p.status.phase, p.status.pod_ip) for p in pods]
+        raise AssertionError(f"{e}\nstatus: {json.dumps(o.get('status'), indent=1)[:3000]}\npods: {pod_info}") from None
 
 
 def child_set(api, ns, name):

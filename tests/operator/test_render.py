@@ -32,7 +32,7 @@ def render(settings, nodes=None, old=True, sm_crd=False, **over):
 
 def test_discovery_prefers_newest():
     assert apis(old=True).to_status() == {"horizontalPodAutoscaler": "autoscaling/v2beta2", "podDisruptionBudget": "policy/v1beta1",
-                                          "endpointSlice": "discovery.k8s.io/v1beta1", "serviceMonitor": ""}
+                                          "endpointSlice": "discovery.k8s.io/v1beta1", "serviceMonitor": "none"}
     new = apis(old=False, monitoring=True)
     assert new.hpa.api_version == "autoscaling/v2" and new.pdb.api_version == "policy/v1" and new.service_monitor
     both = choose_versions(lambda g, v: {"autoscaling": ["horizontalpodautoscalers"], "policy": ["poddisruptionbudgets"],

@@ -42,7 +42,7 @@ class ApiVersions:
             "horizontalPodAutoscaler": self.hpa.api_version,
             "podDisruptionBudget": self.pdb.api_version,
             "endpointSlice": self.endpointslice.api_version,
-            "serviceMonitor": self.service_monitor.api_version if self.service_monitor else "",
+            "serviceMonitor": self.service_monitor.api_version if self.service_monitor else "none",
         }
 
 

@@ -91,6 +91,7 @@ def _reconcile_once(namespace: str, name: str) -> Outcome | None:
         return None  # children go with it (ownerReferences)
     outcome = reconcile(kube, body, _runtime["settings"], _runtime["apis"])
     outcome.status.pop("kopf", None)
+    outcome.status = _without_empty_strings(outcome.status)
     prev = body.get("status") or {}
     changed = {k: v for k, v in outcome.status.items() if k != "conditions" and prev.get(k) != v}
     if changed or not conditions_equal(prev.get("conditions"), outcome.status.get("conditions")):
@@ -105,6 +106,15 @@ def _reconcile_once(namespace: str, name: str) -> Outcome | None:
         from .reconcile import Event
         outcome.events.append(Event("Warning", now_degraded.get("reason", "Degraded"), now_degraded.get("message", "")))
     return outcome
+
+
+def _without_empty_strings(obj: Any) -> Any:
+    """Status fields that are empty are left out (some API servers decode "" in custom resources as null)."""
+    if isinstance(obj, dict):
+        return {k: _without_empty_strings(v) for k, v in obj.items() if v != ""}
+    if isinstance(obj, list):
+        return [_without_empty_strings(v) for v in obj]
+    return obj
 
 
 def _post_events(outcome: Outcome, logger: Any) -> None:
