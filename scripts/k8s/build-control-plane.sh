@@ -42,6 +42,7 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     $sudo_ apt-get "${apt_opts[@]}" update -qq || true
     DEBIAN_FRONTEND=noninteractive $sudo_ apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${need_pkgs[@]}" >&2
 fi
+if have_all; then log "cached: $bin"; echo "$bin"; exit 0; fi
 
 src="$cache/src"
 if [ ! -f "$src/.unpacked" ]; then

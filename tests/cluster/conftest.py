@@ -197,9 +197,18 @@ def namespace(api, request):
     from kubernetes import client
 
     core = client.CoreV1Api(api)
-    name = "t-" + request.node.name.replace("_", "-").lower()[:40].strip("-") + f"-{int(time.time()) % 10000}"
+    import re
+
+    name = "t-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-") + f"-{int(time.time() * 10) % 100000}"
     core.create_namespace({"metadata": {"name": name}})
     yield name
+    # Free the fake GPUs for the next test: the PensieveDeployments go (their children with
+    # them, by garbage collection), then the namespace.
+    try:
+        raw_request(api, "DELETE", f"/apis/pensieve.ai/v1alpha1/namespaces/{name}/pensievedeployments")
+        raw_request(api, "DELETE", f"/api/v1/namespaces/{name}")
+    except Exception as e:  # noqa: BLE001
+        print(f"[cluster] cleanup of {name}: {e}", file=sys.stderr)
 
 
 def wait_for(fn, timeout: float, what: str, interval: float = 0.25):

@@ -181,9 +181,9 @@ def test_deleted_children_are_recreated(api, co, apps, core, namespace):
     create_pdep(co, namespace, SAMPLE)
     wait_ready(co, namespace, "chat", timeout=90)
     before = child_set(api, namespace, "chat")
-    core.delete_namespaced_service("chat-engine", namespace)
-    core.delete_namespaced_config_map("chat-engine", namespace)
-    apps.delete_namespaced_deployment("chat-router", namespace)
+    for path in (f"/api/v1/namespaces/{namespace}/services/chat-engine", f"/api/v1/namespaces/{namespace}/configmaps/chat-engine",
+                 f"/apis/apps/v1/namespaces/{namespace}/deployments/chat-router"):
+        raw_request(api, "DELETE", path)
     def recreated():
         after = child_set(api, namespace, "chat")
         return all(k in after and after[k][0] != before[k][0]
@@ -318,6 +318,6 @@ def test_deleting_the_pensievedeployment_collects_children(api, co, core, namesp
     create_pdep(co, namespace, SAMPLE)
     wait_ready(co, namespace, "chat", timeout=90)
     assert child_set(api, namespace, "chat")
-    co.delete_namespaced_custom_object(G, V, namespace, P, "chat")
+    raw_request(api, "DELETE", f"/apis/{G}/{V}/namespaces/{namespace}/{P}/chat")
     wait_for(lambda: child_set(api, namespace, "chat") == {}, 60, "garbage collection of the children")
     wait_for(lambda: not core.list_namespaced_pod(namespace).items, 60, "pods gone")

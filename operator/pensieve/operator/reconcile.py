@@ -45,6 +45,8 @@ class Outcome:
 def _scalar_equal(a: Any, b: Any) -> bool:
     if a == b:
         return True
+    if b is None and a in (False, 0, ""):
+        return True  # the API server omits zero values (omitempty)
     if isinstance(a, str) and isinstance(b, str):
         try:
             return parse_quantity(a) == parse_quantity(b)

@@ -223,7 +223,6 @@ def render_engine_service(spec: PensieveSpec, owner=None) -> dict[str, Any]:
             "clusterIP": "None",  # headless: the router reads its EndpointSlices
             "selector": selector_labels(spec.name, "engine"),
             "ports": [{"name": ENGINE_PORT_NAME, "port": spec.engine.port, "targetPort": ENGINE_PORT_NAME, "protocol": "TCP"}],
-            "publishNotReadyAddresses": False,
         },
     }
 
