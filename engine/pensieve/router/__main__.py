@@ -1,0 +1,4 @@
+"""`python -m pensieve.router`: see ``pensieve.router.main``."""
+from .main import main
+
+raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Router settings: every flag is also read from PENSIEVE_ROUTER_<FLAG> in the
+environment (the operator configures the router Deployment that way); a flag on the
+command line wins over the environment."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+ENV_PREFIX = "PENSIEVE_ROUTER_"
+
+
+@dataclass
+class RouterConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8080, metadata={"help": "port to listen on"})
+    discovery: str = field(default="auto", metadata={
+        "help": "static | endpointslices | auto (static when --static-endpoints is given, else endpointslices)",
+        "choices": ("auto", "static", "endpointslices")})
+    static_endpoints: str = field(default="", metadata={"help": "static mode: engine endpoints, host:port,host:port,..."})
+    service: str = field(default="", metadata={
+        "help": "endpointslices mode: the engine Service whose EndpointSlices are watched",
+        "aliases": ("--kubernetes-service",)})
+    namespace: str = field(default="", metadata={
+        "help": "its namespace (default: the pod's own namespace, else 'default')"})
+    engine_port: int = field(default=0, metadata={
+        "help": "engine port (default: the EndpointSlice's port named 'http', else its only port, else 8000)"})
+    kubeconfig: str = field(default="", metadata={
+        "help": "kubeconfig file when not running in a pod (default: in-cluster config, else $KUBECONFIG)"})
+    load_factor: float = field(default=1.25, metadata={
+        "help": "bounded load: skip an endpoint whose in-flight count would exceed this x the mean"})
+    upstream_timeout: float = field(default=600.0, metadata={
+        "help": "seconds an engine may stay silent (before its answer or between stream chunks) before 504"})
+    connect_timeout: float = field(default=5.0, metadata={"help": "seconds to open a connection to an engine"})
+    retries: int = field(default=2, metadata={
+        "help": "other endpoints to try when the chosen one refuses (connection failure or 503) before answering"})
+    health_interval: float = field(default=2.0, metadata={
+        "help": "static mode: seconds between /ready probes of each endpoint (0: never probe, all ready)"})
+    eject_seconds: float = field(default=5.0, metadata={
+        "help": "skip an endpoint this long after it refused a connection"})
+    max_body_bytes: int = field(default=64 * 2**20, metadata={"help": "largest request body accepted"})
+    session_memory: int = field(default=100_000, metadata={
+        "help": "sessions whose last endpoint the router remembers (affinity across spills, re-home metrics)"})
+    drain_delay: float = field(default=2.0, metadata={
+        "help": "on SIGTERM, seconds /ready reports false before the listening socket closes"})
+    model: str = field(default="", metadata={"help": "served model name (informational; requests pass unchanged)"})
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+
+    def endpoint_list(self) -> list[str]:
+        from .endpoints import normalize
+
+        port = self.engine_port or None
+        return [normalize(a, port) for a in self.static_endpoints.split(",") if a.strip()]
+
+    def resolved_discovery(self) -> str:
+        if self.discovery != "auto":
+            return self.discovery
+        return "static" if self.static_endpoints else "endpointslices"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pensieve.router",
+                                description="Pensieve's session-affine router. Every flag is also read from "
+                                            f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}LOAD_FACTOR).")
+    for f in fields(RouterConfig):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *f.metadata.get("aliases", ())]
+        env = ENV_PREFIX + f.name.upper()
+        default = os.environ.get(env, f.default)
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+        kw = {"default": kind(default), "type": kind, "dest": f.name,
+              "help": f"{f.metadata.get('help', '')} [env {env}, default {f.default!r}]"}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        p.add_argument(*names, **kw)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
+    args = build_parser().parse_args(argv)
+    cfg = RouterConfig(**{f.name: getattr(args, f.name) for f in fields(RouterConfig)})
+    if cfg.load_factor < 1.0:
+        raise SystemExit("--load-factor must be >= 1")
+    if cfg.resolved_discovery() == "static" and not cfg.endpoint_list():
+        raise SystemExit("static discovery needs --static-endpoints host:port,... (or PENSIEVE_ROUTER_STATIC_ENDPOINTS)")
+    if cfg.resolved_discovery() == "endpointslices" and not cfg.service:
+        raise SystemExit("endpointslices discovery needs --service NAME (or PENSIEVE_ROUTER_SERVICE)")
+    return cfg
