@@ -94,3 +94,13 @@ def test_sessionless_goes_to_the_least_loaded():
     assert hashing.choose(None, THREE, in_flight) == [THREE[1], THREE[2], THREE[0]]
     assert hashing.choose(None, [], {}) == []
     assert hashing.capacity(0, 3, 1.25) == 1
+
+
+def test_load_floor_keeps_sessions_home_at_low_load():
+    sid = "abc"
+    order = hashing.rank(sid, THREE)
+    light = {order[0]: 3, order[1]: 0, order[2]: 0}  # "3x the mean", but only 3 requests
+    assert hashing.choose(sid, THREE, light, 1.25)[0] == order[1]
+    assert hashing.choose(sid, THREE, light, 1.25, load_floor=8)[0] == order[0]
+    heavy = {order[0]: 30, order[1]: 5, order[2]: 5}
+    assert hashing.choose(sid, THREE, heavy, 1.25, load_floor=8)[0] == order[1]

@@ -133,7 +133,14 @@ class Router:
     def candidates(self, session_id: str | None) -> list[str]:
         ready = self.endpoints.ready_addresses()
         prefer = self.sessions.get(session_id) if session_id is not None else None
-        return hashing.choose(session_id, ready, self.endpoints.in_flight(), self.config.load_factor, prefer)
+        in_flight = self.endpoints.in_flight()
+        order = hashing.choose(session_id, ready, in_flight, self.config.load_factor, prefer, self.config.load_floor)
+        if session_id is not None and order and log.isEnabledFor(logging.DEBUG):
+            first = prefer if prefer in ready else hashing.owner(session_id, ready)
+            if order[0] != first:
+                log.debug("session %s spilled from %s to %s (in flight %s)", session_id, first, order[0],
+                          {e: in_flight.get(e, 0) for e in ready})
+        return order
 
     def _remember(self, session_id: str, endpoint: str) -> None:
         prev = self.sessions.get(session_id)

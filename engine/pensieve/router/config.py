@@ -30,6 +30,8 @@ class RouterConfig:
         "help": "kubeconfig file when not running in a pod (default: in-cluster config, else $KUBECONFIG)"})
     load_factor: float = field(default=1.25, metadata={
         "help": "bounded load: skip an endpoint whose in-flight count would exceed this x the mean"})
+    load_floor: int = field(default=8, metadata={
+        "help": "bounded load applies only from this many in-flight requests on an endpoint (0: always)"})
     upstream_timeout: float = field(default=600.0, metadata={
         "help": "seconds an engine may stay silent (before its answer or between stream chunks) before 504"})
     connect_timeout: float = field(default=5.0, metadata={"help": "seconds to open a connection to an engine"})

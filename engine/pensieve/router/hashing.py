@@ -14,6 +14,11 @@ for a session.
   to its second choice, and so on. The ceiling guarantees that some endpoint is
   always under the bound (the least loaded one holds at most m/n), and after the
   assignment no endpoint holds more than ``load_factor * mean + 1``.
+* Load floor: below ``load_floor`` requests in flight an endpoint is never "over the
+  bound". At low load the ratio is noise (with 3 requests in flight, one endpoint
+  holding 2 is "1.5 x the mean"), and moving a session off its engine costs a full
+  re-prefill of its history, so a bounded-load spill must mean real overload. An
+  engine batches many sequences; the default floor (8) is small against that.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 DEFAULT_LOAD_FACTOR = 1.25
+DEFAULT_LOAD_FLOOR = 8
 
 
 def weight(session_id: str, endpoint: str) -> int:
@@ -48,11 +54,12 @@ def owner(session_id: str, endpoints: Iterable[str]) -> str | None:
     return best
 
 
-def capacity(total_in_flight: int, n_endpoints: int, load_factor: float = DEFAULT_LOAD_FACTOR) -> int:
+def capacity(total_in_flight: int, n_endpoints: int, load_factor: float = DEFAULT_LOAD_FACTOR,
+             load_floor: int = 0) -> int:
     """The in-flight count an endpoint must stay below to take one more request."""
     if n_endpoints <= 0:
         return 0
-    return max(1, math.ceil(load_factor * (total_in_flight + 1) / n_endpoints))
+    return max(1, load_floor, math.ceil(load_factor * (total_in_flight + 1) / n_endpoints))
 
 
 def least_loaded(endpoints: Sequence[str], in_flight: Mapping[str, int]) -> list[str]:
@@ -61,7 +68,8 @@ def least_loaded(endpoints: Sequence[str], in_flight: Mapping[str, int]) -> list
 
 
 def choose(session_id: str | None, endpoints: Sequence[str], in_flight: Mapping[str, int],
-           load_factor: float = DEFAULT_LOAD_FACTOR, prefer: str | None = None) -> list[str]:
+           load_factor: float = DEFAULT_LOAD_FACTOR, prefer: str | None = None,
+           load_floor: int = 0) -> list[str]:
     """Every ready endpoint, in the order the router should try them.
 
     Without a session: least loaded first. With one: rendezvous order, with the
@@ -74,7 +82,7 @@ def choose(session_id: str | None, endpoints: Sequence[str], in_flight: Mapping[
         return []
     if session_id is None:
         return least_loaded(endpoints, in_flight)
-    cap = capacity(sum(in_flight.get(e, 0) for e in endpoints), len(endpoints), load_factor)
+    cap = capacity(sum(in_flight.get(e, 0) for e in endpoints), len(endpoints), load_factor, load_floor)
     order = rank(session_id, endpoints)
     under = [e for e in order if in_flight.get(e, 0) < cap]
     over = least_loaded([e for e in order if in_flight.get(e, 0) >= cap], in_flight)

@@ -1,0 +1,99 @@
+"""No torch in the router; EndpointSlice event handling from recorded events; pod-deletion cost; CLI/env."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from pensieve.router.config import parse_args
+from pensieve.router.deletion_cost import (ANNOTATION, deletion_cost_patches, parse_sessions_active,
+                                            pod_deletion_costs)
+from pensieve.router.endpoints import EndpointSet
+from pensieve.router.kube import SliceState
+
+
+def test_router_never_imports_torch_or_the_engine():
+    code = ("import sys, pensieve.router, pensieve.router.main, pensieve.router.kube, pensieve.router.app; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'pensieve.engine'))]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def slice_(name, rv, eps, port=8000, version="v1beta1"):
+    return {"apiVersion": f"discovery.k8s.io/{version}", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": name, "resourceVersion": str(rv),
+                         "labels": {"kubernetes.io/service-name": "chat-engine"}},
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": ready} if ready is not None else {},
+                           "targetRef": {"kind": "Pod", "name": f"pod-{ip}"}} for ip, ready in eps]}
+
+
+def test_slice_events_fold_into_the_ready_set():
+    """Recorded LIST + WATCH events (v1beta1 shape, as Kubernetes 1.20 serves), then a
+    410 re-list that replaces the view."""
+    st = SliceState()
+    st.reset([slice_("chat-engine-abc", 1, [("10.1.0.2", True), ("10.1.0.6", False)])])
+    view, meta = st.view()
+    assert view == {"10.1.0.2:8000": True, "10.1.0.6:8000": False}
+    assert meta["10.1.0.2:8000"] == {"pod": "pod-10.1.0.2"}
+    events = [
+        ("MODIFIED", slice_("chat-engine-abc", 2, [("10.1.0.2", True), ("10.1.0.6", True)])),
+        ("ADDED", slice_("chat-engine-def", 3, [("10.1.0.10", True)], version="v1")),  # a second slice: union
+        ("MODIFIED", slice_("chat-engine-abc", 4, [("10.1.0.2", False), ("10.1.0.6", True)])),  # draining
+        ("DELETED", slice_("chat-engine-def", 5, [])),
+    ]
+    seen = []
+    for t, obj in events:
+        st.apply(t, obj)
+        seen.append(sorted(a for a, r in st.view()[0].items() if r))
+    assert seen == [["10.1.0.2:8000", "10.1.0.6:8000"],
+                    ["10.1.0.10:8000", "10.1.0.2:8000", "10.1.0.6:8000"],
+                    ["10.1.0.10:8000", "10.1.0.6:8000"],
+                    ["10.1.0.6:8000"]]
+    st.reset([slice_("chat-engine-xyz", 9, [("10.1.0.14", None)])])  # re-list after 410; unknown = ready
+    assert st.view()[0] == {"10.1.0.14:8000": True}
+    # The port: --engine-port when the slice has it, else the one named http.
+    assert SliceState(engine_port=9000).port_of(slice_("s", 1, [], port=8000)) == 8000
+
+
+def test_endpoint_set_keeps_counts_of_endpoints_that_leave():
+    es = EndpointSet()
+    es.replace({"a:1": True, "b:1": True})
+    es.acquire("a:1")
+    es.replace({"b:1": True})
+    assert es.ready_addresses() == ["b:1"] and es.in_flight()["a:1"] == 1
+    es.release("a:1")
+    assert "a:1" not in es.endpoints
+    es.eject("b:1")
+    assert es.ready_addresses() == []
+    es.reinstate("b:1")
+    assert es.ready_addresses() == ["b:1"]
+
+
+def test_pod_deletion_costs():
+    text = ("# HELP pensieve_sessions_active Live sessions\n# TYPE pensieve_sessions_active gauge\n"
+            "pensieve_sessions_active 7.0\npensieve_sessions_active_created 1.7e9\n")
+    assert parse_sessions_active(text) == 7.0
+    assert parse_sessions_active("other_metric 3\n") is None
+    costs = pod_deletion_costs({"10.0.0.1": 7.0, "10.0.0.2": 0.0, "10.0.0.3": None, "10.0.0.4": 1e12})
+    assert costs == {"10.0.0.1": "7", "10.0.0.2": "0", "10.0.0.4": str(2**31 - 1)}
+    patches = deletion_cost_patches({"pod-a": "10.0.0.1", "pod-b": "10.0.0.2", "pod-c": "10.0.0.3"},
+                                    {"10.0.0.1": 7.0, "10.0.0.2": 0.0, "10.0.0.3": None}, current={"pod-b": "0"})
+    assert patches == {"pod-a": {"metadata": {"annotations": {ANNOTATION: "7"}}}}
+
+
+def test_cli_reads_the_operator_env(monkeypatch):
+    # What the operator's router Deployment sets (operator/pensieve/operator/render.py).
+    env = {"PENSIEVE_ROUTER_DISCOVERY": "endpointslices", "PENSIEVE_ROUTER_SERVICE": "chat-engine",
+           "PENSIEVE_ROUTER_NAMESPACE": "ns1", "PENSIEVE_ROUTER_ENGINE_PORT": "8000",
+           "PENSIEVE_ROUTER_HOST": "0.0.0.0", "PENSIEVE_ROUTER_PORT": "8080", "PENSIEVE_ROUTER_MODEL": "m"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = parse_args([])
+    assert (cfg.resolved_discovery(), cfg.service, cfg.namespace, cfg.engine_port, cfg.host, cfg.port) == \
+        ("endpointslices", "chat-engine", "ns1", 8000, "0.0.0.0", 8080)
+    cfg = parse_args(["--static-endpoints", "127.0.0.1:1,127.0.0.1:2", "--discovery", "auto", "--load-factor", "1.5"])
+    assert cfg.resolved_discovery() == "static" and cfg.endpoint_list() == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert cfg.load_factor == 1.5
+    cfg = parse_args(["--kubernetes-service", "x"])
+    assert cfg.service == "x"
