@@ -153,10 +153,11 @@ class EndpointSliceWatcher:
         for version in ("v1", "v1beta1"):
             r = self._get(version, _request_timeout=10)
             try:
+                data = r.data  # read it all, so the connection can be reused
                 if r.status == 200:
                     return version
                 if r.status != 404:
-                    raise RuntimeError(f"listing EndpointSlices ({version}): HTTP {r.status} {r.data[:300]!r}")
+                    raise RuntimeError(f"listing EndpointSlices ({version}): HTTP {r.status} {data[:300]!r}")
             finally:
                 r.release_conn()
         raise RuntimeError("the API server serves neither discovery.k8s.io/v1 nor v1beta1 EndpointSlices")
