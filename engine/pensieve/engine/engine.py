@@ -179,6 +179,15 @@ class LLMEngine:
             self.abort(s.active_request)
         self.cache.delete_session(session_id)
 
+    def offload_session(self, session_id: str) -> int:
+        """Copy an idle session's context to the CPU tier and free its GPU blocks, now."""
+        moved = self.cache.offload(session_id)
+        self.runner.execute(SchedulerOutput(swaps=self.cache.take_plan()))
+        self.cache.finish_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return moved
+
     def get_session(self, session_id: str) -> Session:
         return self.cache.get_session(session_id)
 
