@@ -36,6 +36,10 @@ class ModelRunner:
         forced = os.environ.get("PENSIEVE_KERNELS", "auto").strip().lower()
         self.uses_triton = config.attention_impl == "triton" or (
             config.attention_impl == "auto" and forced != "ref" and (device.type == "cuda" or forced == "triton"))
+        if self.uses_triton and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            from .errors import InvalidRequestError
+            raise InvalidRequestError("Triton kernels on a CPU run only in the interpreter: set TRITON_INTERPRET=1 "
+                                      "or use --attention-impl ref", "attention_impl")
         self.swapper: Swapper | None = None
 
     @property
