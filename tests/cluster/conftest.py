@@ -53,13 +53,19 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def control_plane():
+def control_plane(request):
     if shutil.which("ip") is None:
         pytest.skip("iproute2 (`ip`) is missing: the stand-in kubelet gives pods addresses with network namespaces")
     ok, why = Net.available()
     if not ok:
         pytest.skip(f"network namespaces unavailable here ({why}); the stand-in pods need their own addresses")
-    bins = ensure_binaries()
+    # The first build takes minutes: let its progress reach the terminal, past pytest's capture.
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            bins = ensure_binaries()
+    else:
+        bins = ensure_binaries()
     cp = ControlPlane(bins).start()
     os.environ["KUBECONFIG"] = str(cp.kubeconfig)
     yield cp
