@@ -1,0 +1,376 @@
+"""Manifests of a PensieveDeployment's children: pure functions of (spec, sizing, API versions).
+
+Every child carries the `app.kubernetes.io/*` labels and an ownerReference to the
+PensieveDeployment (controller=true), so garbage collection removes them with it
+and the operator recognises what it owns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Mapping
+
+from . import GROUP, KIND, VERSION
+from .discovery import ApiVersions, ApiRef
+from .quantity import format_bytes
+from .settings import Settings
+from .sizing import GPU_RESOURCE, LABEL_GPU_PRODUCT, Sizing
+from .spec import PensieveSpec
+
+MANAGED_BY = "pensieve-operator"
+APP = "pensieve"
+ENGINE_PORT_NAME = "http"
+ROUTER_CONTAINER_PORT = 8080
+CONFIG_HASH = "pensieve.ai/config-hash"
+# Kept in step with each engine pod's live sessions (pensieve_sessions_active) so that
+# scale-down removes the emptiest pods; written by the operator's session tracker (router issue).
+POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+
+
+@dataclasses.dataclass(frozen=True)
+class Child:
+    api: ApiRef
+    body: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.body["metadata"]["name"]
+
+    @property
+    def key(self) -> str:
+        return f"{self.api.kind}/{self.name}"
+
+
+def names(name: str) -> dict[str, str]:
+    return {
+        "engine": f"{name}-engine",           # Deployment, headless Service, ConfigMap, PDB, ServiceMonitor
+        "router": f"{name}-router",           # Deployment, ServiceAccount, Role, RoleBinding
+        "endpoint": name,                     # router Service: the chat endpoint
+        "hpa": name,
+    }
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": APP,
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": APP,
+    }
+
+
+def selector_labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": APP, "app.kubernetes.io/instance": name, "app.kubernetes.io/component": component}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(name, "engine").items()))
+
+
+def endpoint_url(spec: PensieveSpec) -> str:
+    port = "" if spec.router.port == 80 else f":{spec.router.port}"
+    return f"http://{names(spec.name)['endpoint']}.{spec.namespace}.svc{port}"
+
+
+def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(spec: PensieveSpec, name: str, component: str, owner: Mapping[str, Any] | None) -> dict[str, Any]:
+    m: dict[str, Any] = {"name": name, "namespace": spec.namespace, "labels": labels(spec.name, component)}
+    if owner is not None:
+        m["ownerReferences"] = [owner_reference(owner)]
+    return m
+
+
+def engine_env(spec: PensieveSpec, sizing: Sizing) -> dict[str, str]:
+    """The engine's settings as PENSIEVE_<FLAG> variables (the engine reads every flag from its env)."""
+    env = {
+        "PENSIEVE_MODEL": spec.model_dir,
+        "PENSIEVE_SERVED_MODEL_NAME": spec.served_name,
+        "PENSIEVE_HOST": "0.0.0.0",
+        "PENSIEVE_PORT": str(spec.engine.port),
+        "PENSIEVE_CACHE_MODE": spec.engine.cache_mode,
+        "PENSIEVE_BLOCK_SIZE": str(spec.engine.block_size),
+        "PENSIEVE_EVICTION": spec.cache.eviction,
+        "PENSIEVE_DTYPE": spec.engine.dtype,
+        "PENSIEVE_LOAD_FORMAT": spec.engine.load_format,
+        "PENSIEVE_GPU_MEMORY_UTILIZATION": repr(sizing.gpu_memory_utilization),
+        "PENSIEVE_CPU_CACHE_BYTES": str(sizing.cpu_cache_bytes),
+    }
+    if spec.engine.max_model_len:
+        env["PENSIEVE_MAX_MODEL_LEN"] = str(spec.engine.max_model_len)
+    return env
+
+
+def config_hash(data: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(sorted(data.items()))).encode()).hexdigest()[:16]
+
+
+def render_configmap(spec: PensieveSpec, sizing: Sizing, owner=None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, names(spec.name)["engine"], "engine", owner),
+            "data": engine_env(spec, sizing)}
+
+
+def _model_volume(spec: PensieveSpec) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(volume, mount, init containers) for the model source."""
+    src = spec.source
+    mount: dict[str, Any] = {"name": "model", "mountPath": spec.model_dir, "readOnly": True}
+    if src.kind == "pvc":
+        vol = {"name": "model", "persistentVolumeClaim": {"claimName": src.claim_name, "readOnly": True}}
+        if src.sub_path:
+            mount["subPath"] = src.sub_path
+        return vol, mount, []
+    if src.kind == "hostPath":
+        return {"name": "model", "hostPath": {"path": src.path, "type": "Directory"}}, mount, []
+    # Hugging Face id: fetched into an emptyDir by an init container running the engine image.
+    script = ("import os, sys; from huggingface_hub import snapshot_download; "
+              "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])")
+    init: dict[str, Any] = {
+        "name": "fetch-model",
+        "image": spec.engine.image,
+        "imagePullPolicy": spec.engine.image_pull_policy,
+        "command": ["python", "-c", script, src.hf_id, src.revision, spec.model_dir],
+        "env": [{"name": "HF_HOME", "value": "/models/.hf-home"}],
+        "volumeMounts": [{"name": "model", "mountPath": "/models"}],
+    }
+    if src.token_secret:
+        init["env"].append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret, "key": "HF_TOKEN"}}})
+    vol = {"name": "model", "emptyDir": {}}
+    mount = {"name": "model", "mountPath": "/models", "readOnly": True}
+    return vol, mount, [init]
+
+
+def termination_grace_seconds(spec: PensieveSpec, settings: Settings) -> int:
+    """preStop wait + the engine's drain time + a margin for the process to exit."""
+    return settings.prestop_seconds + spec.engine.drain_seconds + 5
+
+
+def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Settings, owner=None) -> dict[str, Any]:
+    n = names(spec.name)
+    sel = selector_labels(spec.name, "engine")
+    vol, mount, init = _model_volume(spec)
+    requests: dict[str, Any] = {"memory": format_bytes(sizing.memory_request_bytes)}
+    limits: dict[str, Any] = {"memory": format_bytes(sizing.memory_limit_bytes)}
+    if spec.resources.cpu:
+        requests["cpu"] = spec.resources.cpu
+    if spec.resources.gpus_per_pod:
+        limits[GPU_RESOURCE] = str(spec.resources.gpus_per_pod)
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ] + [{"name": k, "value": v} for k, v in spec.engine.env]
+    container = {
+        "name": "engine",
+        "image": spec.engine.image,
+        "imagePullPolicy": spec.engine.image_pull_policy,
+        "command": ["python", "-m", "pensieve.engine", "serve"],
+        "args": ["--model", spec.model_dir, *spec.engine.extra_args],
+        "envFrom": [{"configMapRef": {"name": n["engine"]}}],
+        "env": env,
+        "ports": [{"name": ENGINE_PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
+        "resources": {"requests": requests, "limits": limits},
+        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}],
+        # Loading a model takes a while: the startup probe holds the others off.
+        "startupProbe": {"httpGet": {"path": "/health", "port": ENGINE_PORT_NAME}, "periodSeconds": 5, "failureThreshold": 360},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": ENGINE_PORT_NAME}, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5},
+        # /ready turns false when the engine drains (SIGTERM): the pod leaves the EndpointSlices.
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": ENGINE_PORT_NAME}, "periodSeconds": 2, "failureThreshold": 1, "timeoutSeconds": 2},
+        # Drain: the pod is already out of the EndpointSlices while this waits; then SIGTERM
+        # makes the engine finish in-flight requests within drainSeconds.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_seconds)]}}},
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+    }
+    node_selector = dict(spec.resources.node_selector)
+    if spec.resources.gpu_product:
+        node_selector[LABEL_GPU_PRODUCT] = spec.resources.gpu_product
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [vol, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}],
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec, settings),
+        "enableServiceLinks": False,
+    }
+    if init:
+        pod_spec["initContainers"] = init
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.resources.tolerations]
+    template_meta = {"labels": labels(spec.name, "engine"),
+                     "annotations": {CONFIG_HASH: config_hash(engine_env(spec, sizing))}}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(spec, n["engine"], "engine", owner),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": sel},
+            # GPUs are usually all taken: replace pods one at a time without a surge.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {"metadata": template_meta, "spec": pod_spec},
+        },
+    }
+
+
+def render_engine_service(spec: PensieveSpec, owner=None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(spec, names(spec.name)["engine"], "engine", owner),
+        "spec": {
+            "clusterIP": "None",  # headless: the router reads its EndpointSlices
+            "selector": selector_labels(spec.name, "engine"),
+            "ports": [{"name": ENGINE_PORT_NAME, "port": spec.engine.port, "targetPort": ENGINE_PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def render_router_deployment(spec: PensieveSpec, owner=None) -> dict[str, Any]:
+    n = names(spec.name)
+    env = {
+        "PENSIEVE_ROUTER_DISCOVERY": "endpointslices",
+        "PENSIEVE_ROUTER_SERVICE": n["engine"],
+        "PENSIEVE_ROUTER_NAMESPACE": spec.namespace,
+        "PENSIEVE_ROUTER_ENGINE_PORT": str(spec.engine.port),
+        "PENSIEVE_ROUTER_HOST": "0.0.0.0",
+        "PENSIEVE_ROUTER_PORT": str(ROUTER_CONTAINER_PORT),
+        "PENSIEVE_ROUTER_MODEL": spec.served_name,
+    }
+    container = {
+        "name": "router",
+        "image": spec.router.image,
+        "imagePullPolicy": spec.engine.image_pull_policy,
+        "command": ["python", "-m", "pensieve.router"],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "ports": [{"name": "http", "containerPort": ROUTER_CONTAINER_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(spec, n["router"], "router", owner),
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": selector_labels(spec.name, "router")},
+            "template": {
+                "metadata": {"labels": labels(spec.name, "router")},
+                "spec": {"serviceAccountName": n["router"], "containers": [container], "enableServiceLinks": False,
+                         "terminationGracePeriodSeconds": termination_grace_seconds_router(spec)},
+            },
+        },
+    }
+
+
+def termination_grace_seconds_router(spec: PensieveSpec) -> int:
+    return spec.engine.drain_seconds + 10  # streams through the router last as long as the engine's
+
+
+def render_router_service(spec: PensieveSpec, owner=None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(spec, names(spec.name)["endpoint"], "router", owner),
+        "spec": {
+            "type": spec.router.service_type,
+            "selector": selector_labels(spec.name, "router"),
+            "ports": [{"name": "http", "port": spec.router.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_router_rbac(spec: PensieveSpec, apis: ApiVersions, owner=None) -> list[dict[str, Any]]:
+    n = names(spec.name)["router"]
+    es_group = apis.endpointslice.group
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(spec, n, "router", owner)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(spec, n, "router", owner),
+         "rules": [{"apiGroups": [es_group], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                   {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(spec, n, "router", owner),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n},
+         "subjects": [{"kind": "ServiceAccount", "name": n, "namespace": spec.namespace}]},
+    ]
+
+
+def render_pdb(spec: PensieveSpec, apis: ApiVersions, owner=None) -> dict[str, Any]:
+    return {
+        "apiVersion": apis.pdb.api_version, "kind": "PodDisruptionBudget",
+        "metadata": _meta(spec, names(spec.name)["engine"], "engine", owner),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(spec.name, "engine")}},
+    }
+
+
+def render_hpa(spec: PensieveSpec, apis: ApiVersions, owner=None) -> dict[str, Any]:
+    a = spec.autoscaling
+    return {
+        "apiVersion": apis.hpa.api_version, "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(spec, names(spec.name)["hpa"], "autoscaler", owner),
+        "spec": {
+            # The PensieveDeployment's scale subresource: the HPA writes spec.replicas,
+            # the operator carries it to the engine Deployment.
+            "scaleTargetRef": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": spec.name},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": a.metric},
+                                                  "target": {"type": "AverageValue", "averageValue": a.target}}}],
+            # Sessions are state: scale down slowly.
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300,
+                                       "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}]}},
+        },
+    }
+
+
+def render_service_monitor(spec: PensieveSpec, apis: ApiVersions, owner=None) -> dict[str, Any]:
+    assert apis.service_monitor is not None
+    return {
+        "apiVersion": apis.service_monitor.api_version, "kind": "ServiceMonitor",
+        "metadata": _meta(spec, names(spec.name)["engine"], "engine", owner),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(spec.name, "engine")},
+            "namespaceSelector": {"matchNames": [spec.namespace]},
+            "endpoints": [{"port": ENGINE_PORT_NAME, "path": "/metrics", "interval": spec.monitoring.interval}],
+        },
+    }
+
+
+def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis: ApiVersions,
+                    owner: Mapping[str, Any] | None = None) -> tuple[list[Child], list[tuple[ApiRef, str]], list[str]]:
+    """(children to exist, (api, name) of optional children that must not exist, notes)."""
+    v1 = ApiRef("", "v1", "configmaps", "ConfigMap")
+    children = [
+        Child(v1, render_configmap(spec, sizing, owner)),
+        Child(ApiRef("", "v1", "services", "Service"), render_engine_service(spec, owner)),
+        Child(ApiRef("apps", "v1", "deployments", "Deployment"), render_engine_deployment(spec, sizing, settings, owner)),
+        Child(apis.pdb, render_pdb(spec, apis, owner)),
+    ]
+    rbac = render_router_rbac(spec, apis, owner)
+    children += [
+        Child(ApiRef("", "v1", "serviceaccounts", "ServiceAccount"), rbac[0]),
+        Child(ApiRef("rbac.authorization.k8s.io", "v1", "roles", "Role"), rbac[1]),
+        Child(ApiRef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"), rbac[2]),
+        Child(ApiRef("apps", "v1", "deployments", "Deployment"), render_router_deployment(spec, owner)),
+        Child(ApiRef("", "v1", "services", "Service"), render_router_service(spec, owner)),
+    ]
+    absent: list[tuple[ApiRef, str]] = []
+    notes: list[str] = []
+    n = names(spec.name)
+    if spec.autoscaling.enabled:
+        children.append(Child(apis.hpa, render_hpa(spec, apis, owner)))
+    else:
+        absent.append((apis.hpa, n["hpa"]))
+    if spec.monitoring.service_monitor and apis.service_monitor is not None and settings.service_monitor:
+        children.append(Child(apis.service_monitor, render_service_monitor(spec, apis, owner)))
+    else:
+        if apis.service_monitor is not None:
+            absent.append((apis.service_monitor, n["engine"]))
+        if spec.monitoring.service_monitor:
+            notes.append("monitoring.serviceMonitor is on but the cluster serves no monitoring.coreos.com ServiceMonitor; skipped")
+    return children, absent, notes
+
+
+def pod_deletion_cost_patch(live_sessions: int) -> dict[str, Any]:
+    """Patch for an engine pod: more live sessions → costlier to delete (issue: router)."""
+    return {"metadata": {"annotations": {POD_DELETION_COST: str(int(live_sessions))}}}

@@ -1,0 +1,79 @@
+"""Operator settings, read from PENSIEVE_OPERATOR_* environment variables.
+
+The Helm chart's values.yaml mirrors these names (camelCase without the prefix).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+PREFIX = "PENSIEVE_OPERATOR_"
+
+
+def _bool(v: str) -> bool:
+    return v.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # Namespaces to watch: empty = the whole cluster.
+    namespaces: tuple[str, ...] = ()
+    engine_image: str = "ghcr.io/pensieve-ai/pensieve-engine:0.1.0"
+    router_image: str = "ghcr.io/pensieve-ai/pensieve-router:0.1.0"
+    # Seconds between periodic level-based resyncs of every PensieveDeployment.
+    resync_seconds: float = 60.0
+    # Memory each node keeps for the system and other pods (bytes), on top of
+    # what the node's allocatable already excludes, as a fraction of allocatable.
+    node_memory_reserve_fraction: float = 0.05
+    # Engine process memory outside the CPU cache (Python, tokenizer, CUDA context,
+    # pinned staging buffers), bytes.
+    engine_memory_overhead_bytes: int = 4 * 2**30
+    # Smallest CPU cache worth running with, and smallest GPU memory share.
+    min_cpu_cache_bytes: int = 1 * 2**30
+    min_gpu_memory_bytes: int = 2 * 2**30
+    # Engine pods' memory limit when the PensieveDeployment uses no GPU and no
+    # node reports its memory (kind, demos), bytes.
+    cpu_only_pod_memory_bytes: int = 8 * 2**30
+    # Seconds the preStop hook waits before the engine gets SIGTERM, so the router
+    # and EndpointSlices drop the pod before it stops accepting.
+    prestop_seconds: int = 5
+    # Liveness probe address served by kopf (host:port), empty = off.
+    liveness: str = "0.0.0.0:8080"
+    # Create a ServiceMonitor only when spec.monitoring.serviceMonitor and the CRD exists.
+    service_monitor: bool = True
+    log_format: str = "plain"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        kw: dict = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            if f.name == "namespaces":
+                kw[f.name] = tuple(n.strip() for n in raw.split(",") if n.strip())
+            elif f.type in ("bool",):
+                kw[f.name] = _bool(raw)
+            elif f.type in ("int",):
+                kw[f.name] = int(_quantity_or_int(raw))
+            elif f.type in ("float",):
+                kw[f.name] = float(raw)
+            else:
+                kw[f.name] = raw
+        s = cls(**kw)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if not 0 <= self.node_memory_reserve_fraction < 0.9:
+            raise ValueError(f"{PREFIX}NODE_MEMORY_RESERVE_FRACTION must be in [0, 0.9)")
+        if self.resync_seconds <= 0:
+            raise ValueError(f"{PREFIX}RESYNC_SECONDS must be > 0")
+
+
+def _quantity_or_int(raw: str) -> int:
+    from .quantity import parse_bytes
+
+    return parse_bytes(raw)

@@ -1,0 +1,339 @@
+"""A stand-in kubelet for the fake nodes of the cluster tier.
+
+It polls the API server for pods the scheduler bound to its nodes and, for each,
+gives the pod a real address in its own network namespace (`ip netns add` + a veth
+pair; the API server rejects loopback endpoint addresses, and this way every pod
+listens on its real containerPort at its own IP, as in a cluster), starts one process
+for the pod's first container with the pod's environment (ConfigMap envFrom, env,
+downward-API names resolved), probes the container's readinessProbe over HTTP and
+reports the pod Running/Ready with its pod IP. The endpoint-slice controller then
+publishes the pod in the headless Service's EndpointSlices, which is what the router
+reads. A pod being deleted gets SIGTERM (the process drains), then is removed with
+grace 0, as a kubelet does.
+
+What runs is chosen per pod by a `command_for(pod, container, env) -> (argv, env)`
+callable: by default `standin_app.py` (answers /health, /ready, /metrics with the
+contract's metric names); `engine_command(model_dir)` runs the real engine
+(`python -m pensieve.engine serve --model DIR --host 0.0.0.0 --port N`) with the pod's
+env. tests/cluster/conftest.py switches with PENSIEVE_KUBELET_MODE=standin|engine.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from pensieve.operator.kube import Conflict, NotFound, raw_request
+
+HERE = Path(__file__).resolve().parent
+CommandFor = Callable[[dict, dict, dict], "tuple[list[str], dict[str, str]]"]
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def standin_command(pod: dict, container: dict, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    ports = container.get("ports") or [{"containerPort": 8000}]
+    role = (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component", "app")
+    return [sys.executable, str(HERE / "standin_app.py"), "--role", role, "--host", "0.0.0.0",
+            "--port", str(ports[0]["containerPort"])], env
+
+
+def engine_command(model_dir: str, fallback: CommandFor = standin_command) -> CommandFor:
+    """Engine pods run the real engine on `model_dir` (a tiny checkpoint); other pods the stand-in app."""
+    def command_for(pod: dict, container: dict, env: dict[str, str]):
+        if (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component") != "engine":
+            return fallback(pod, container, env)
+        port = str((container.get("ports") or [{"containerPort": 8000}])[0]["containerPort"])
+        env = dict(env, PENSIEVE_MODEL=model_dir, PENSIEVE_HOST="0.0.0.0", PENSIEVE_PORT=port)
+        env.setdefault("PENSIEVE_CPU_CACHE_BYTES", "auto")
+        env["PENSIEVE_CPU_CACHE_BYTES"] = str(min(int(env["PENSIEVE_CPU_CACHE_BYTES"]), 256 * 2**20)) \
+            if env["PENSIEVE_CPU_CACHE_BYTES"].isdigit() else env["PENSIEVE_CPU_CACHE_BYTES"]
+        return [sys.executable, "-m", "pensieve.engine", "serve", "--model", model_dir, "--host", "0.0.0.0",
+                "--port", port], env
+    return command_for
+
+
+@dataclass
+class PodRun:
+    uid: str
+    namespace: str
+    name: str
+    node: str
+    ip: str
+    netns: str
+    proc: subprocess.Popen | None
+    port: int | None
+    ready_path: str | None
+    ready: bool = False
+    started_at: str = field(default_factory=now)
+    restarts: int = 0
+    terminating: bool = False
+    log: Any = None
+
+
+class Net:
+    """Network namespaces with a /30 veth link each: host side .1, pod side .2."""
+
+    def __init__(self) -> None:
+        self.tag = f"{random.randrange(16**3):03x}"
+        self.octet = random.randrange(200, 250)
+        self.next = 0
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        name = f"pnsvchk{os.getpid() % 100000}"
+        r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+        if r.returncode != 0:
+            return False, f"`ip netns add` failed: {r.stderr.strip()}"
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        return True, ""
+
+    def allocate(self) -> tuple[str, str, str]:
+        with self.lock:
+            i = self.next
+            self.next += 1
+        base = i * 4
+        host_ip = f"10.{self.octet}.{base // 256}.{base % 256 + 1}"
+        pod_ip = f"10.{self.octet}.{base // 256}.{base % 256 + 2}"
+        ns = f"pnsv{self.tag}-{i}"
+        hv, pv = f"pv{self.tag}{i}h", f"pv{self.tag}{i}p"
+        cmds = [["ip", "netns", "add", ns],
+                ["ip", "link", "add", hv, "type", "veth", "peer", "name", pv],
+                ["ip", "link", "set", pv, "netns", ns],
+                ["ip", "-n", ns, "link", "set", pv, "name", "eth0"],
+                ["ip", "-n", ns, "addr", "add", f"{pod_ip}/30", "dev", "eth0"],
+                ["ip", "-n", ns, "link", "set", "eth0", "up"],
+                ["ip", "-n", ns, "link", "set", "lo", "up"],
+                ["ip", "addr", "add", f"{host_ip}/30", "dev", hv],
+                ["ip", "link", "set", hv, "up"],
+                ["ip", "-n", ns, "route", "add", "default", "via", host_ip]]
+        for c in cmds:
+            subprocess.run(c, check=True, capture_output=True)
+        return ns, pod_ip, host_ip
+
+    @staticmethod
+    def release(ns: str) -> None:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+class StandInKubelet:
+    def __init__(self, api: client.ApiClient, nodes: list[str], command_for: CommandFor = standin_command,
+                 log_dir: Path | None = None, poll: float = 0.25, max_grace: float = 5.0,
+                 api_server_port: int | None = None):
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.nodes = set(nodes)
+        self.command_for = command_for
+        self.log_dir = log_dir
+        self.poll = poll
+        self.max_grace = max_grace
+        self.api_server_port = api_server_port
+        self.net = Net()
+        self.pods: dict[str, PodRun] = {}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="standin-kubelet", daemon=True)
+        self.errors: list[str] = []
+
+    def start(self) -> "StandInKubelet":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+        for run in list(self.pods.values()):
+            self._kill(run)
+
+    # ---------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self._sync()
+            except Exception as e:  # noqa: BLE001 - the API server may blink; keep going
+                self.errors.append(repr(e))
+            self.stop_event.wait(self.poll)
+
+    def _sync(self) -> None:
+        items = raw_request(self.api, "GET", "/api/v1/pods")["items"]
+        seen = set()
+        for pod in items:
+            node = pod["spec"].get("nodeName")
+            if node not in self.nodes:
+                continue
+            uid = pod["metadata"]["uid"]
+            seen.add(uid)
+            run = self.pods.get(uid)
+            if pod["metadata"].get("deletionTimestamp"):
+                self._terminate(pod, run)
+                continue
+            if run is None:
+                self._start(pod)
+            else:
+                self._probe(pod, run)
+        for uid in set(self.pods) - seen:  # deleted meanwhile
+            self._kill(self.pods.pop(uid))
+
+    def _resolve_env(self, pod: dict, container: dict) -> dict[str, str]:
+        ns = pod["metadata"]["namespace"]
+        env: dict[str, str] = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+                               "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
+        if self.api_server_port:
+            env["KUBERNETES_SERVICE_PORT"] = str(self.api_server_port)
+        for src in container.get("envFrom") or []:
+            ref = src.get("configMapRef")
+            if ref:
+                try:
+                    cm = self.core.read_namespaced_config_map(ref["name"], ns)
+                    env.update({src.get("prefix", "") + k: v for k, v in (cm.data or {}).items()})
+                except ApiException:
+                    if not ref.get("optional"):
+                        raise
+        for e in container.get("env") or []:
+            if "value" in e:
+                env[e["name"]] = e["value"]
+            elif (e.get("valueFrom") or {}).get("fieldRef"):
+                path = e["valueFrom"]["fieldRef"]["fieldPath"]
+                env[e["name"]] = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": ns,
+                                  "spec.nodeName": pod["spec"].get("nodeName", "")}.get(path, "")
+        return env
+
+    def _start(self, pod: dict) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        container = spec["containers"][0]
+        try:
+            env = self._resolve_env(pod, container)
+        except ApiException:
+            return  # ConfigMap not there yet: try again next round
+        ns, ip, host_ip = self.net.allocate()
+        if self.api_server_port:
+            env["KUBERNETES_SERVICE_HOST"] = host_ip
+        argv, env = self.command_for(pod, container, env)
+        log = open(self.log_dir / f"{meta['namespace']}_{meta['name']}.log", "ab") if self.log_dir else subprocess.DEVNULL
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        probe = container.get("readinessProbe") or {}
+        http = probe.get("httpGet") or {}
+        port = http.get("port")
+        if isinstance(port, str):
+            port = next((p["containerPort"] for p in container.get("ports") or [] if p.get("name") == port), None)
+        run = PodRun(meta["uid"], meta["namespace"], meta["name"], spec["nodeName"], ip, ns, proc, port,
+                     http.get("path") if http else None, log=log)
+        self.pods[run.uid] = run
+        self._report(pod, run)
+
+    def _probe(self, pod: dict, run: PodRun) -> None:
+        if run.proc is not None and run.proc.poll() is not None and not run.terminating:
+            run.restarts += 1  # crashed: restart it, as restartPolicy Always does
+            container = pod["spec"]["containers"][0]
+            argv, env = self.command_for(pod, container, self._resolve_env(pod, container))
+            run.proc = subprocess.Popen(["ip", "netns", "exec", run.netns, *argv], env=env, stdout=run.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            run.ready = False
+            self._report(pod, run)
+            return
+        ready = self._check(run)
+        status = pod.get("status") or {}
+        if ready != run.ready or status.get("podIP") != run.ip:
+            run.ready = ready
+            self._report(pod, run)
+
+    def _check(self, run: PodRun) -> bool:
+        if run.proc is None or run.proc.poll() is not None:
+            return False
+        if not run.ready_path or not run.port:
+            return True
+        try:
+            with urllib.request.urlopen(f"http://{run.ip}:{run.port}{run.ready_path}", timeout=1) as r:
+                return 200 <= r.status < 400
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _report(self, pod: dict, run: PodRun) -> None:
+        container = pod["spec"]["containers"][0]
+        t = now()
+        ready = "True" if run.ready else "False"
+        status = {
+            "phase": "Running",
+            "hostIP": self._node_ip(run.node),
+            "podIP": run.ip,
+            "podIPs": [{"ip": run.ip}],
+            "startTime": run.started_at,
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": run.started_at},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": run.started_at},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": t},
+                {"type": "Ready", "status": ready, "lastTransitionTime": t},
+            ],
+            "containerStatuses": [{
+                "name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": run.ready,
+                "started": True, "restartCount": run.restarts, "containerID": f"standin://{run.proc.pid if run.proc else 0}",
+                "state": {"running": {"startedAt": run.started_at}},
+            }],
+        }
+        if pod["spec"].get("initContainers"):
+            status["initContainerStatuses"] = [{
+                "name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": True, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": run.started_at,
+                                         "finishedAt": run.started_at}}} for c in pod["spec"]["initContainers"]]
+        try:
+            raw_request(self.api, "PATCH", f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status", {"status": status},
+                        content_type="application/merge-patch+json")
+        except NotFound:
+            pass
+
+    def _node_ip(self, node: str) -> str:
+        return f"10.{self.net.octet}.255.{sorted(self.nodes).index(node) + 1}"
+
+    def _terminate(self, pod: dict, run: PodRun | None) -> None:
+        if run is not None and not run.terminating:
+            run.terminating = True
+            if run.proc is not None and run.proc.poll() is None:
+                os.killpg(run.proc.pid, signal.SIGTERM)
+            grace = min(float(pod["spec"].get("terminationGracePeriodSeconds") or 30), self.max_grace)
+            threading.Thread(target=self._finish, args=(pod, run, grace), daemon=True).start()
+        elif run is None:
+            self._delete_now(pod)
+
+    def _finish(self, pod: dict, run: PodRun, grace: float) -> None:
+        if run.proc is not None:
+            try:
+                run.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill(run)
+        self.pods.pop(run.uid, None)
+        self._delete_now(pod)
+
+    def _delete_now(self, pod: dict) -> None:
+        m = pod["metadata"]
+        try:
+            raw_request(self.api, "DELETE", f"/api/v1/namespaces/{m['namespace']}/pods/{m['name']}",
+                        {"gracePeriodSeconds": 0, "preconditions": {"uid": m["uid"]}})
+        except (NotFound, Conflict):
+            pass
+
+    def _kill(self, run: PodRun) -> None:
+        if run.proc is not None and run.proc.poll() is None:
+            try:
+                os.killpg(run.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            run.proc.wait()
+        Net.release(run.netns)
+        if run.log not in (None, subprocess.DEVNULL):
+            run.log.close()
