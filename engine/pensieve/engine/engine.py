@@ -199,7 +199,8 @@ class LLMEngine:
             return analytic
         name = torch.cuda.get_device_name(self.device)
         path = profile_cache_path(self.model_config, name, str(self.dtype), self.config.block_size)
-        limit = min(self.max_model_len, (num_gpu_blocks - 2) * self.config.block_size)
+        # The last profiled chunk must end inside the context.
+        limit = min(self.max_model_len, (num_gpu_blocks - 2) * self.config.block_size) - self.config.block_size
         try:
             return load_or_profile(path, self.runner.time_chunk, limit)
         except (RuntimeError, ValueError, OSError) as e:
