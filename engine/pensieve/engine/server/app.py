@@ -1,0 +1,495 @@
+"""The aiohttp application: OpenAI-compatible endpoints plus sessions.
+
+Endpoints (design.md, "HTTP API"):
+
+    POST   /v1/chat/completions     chat (SSE with "stream": true); sessions by X-Session-ID or body session_id
+    POST   /v1/completions          raw prompts (string or token ids)
+    GET    /v1/models
+    GET    /v1/sessions/{id}        a session's state (its owner's key only)
+    DELETE /v1/sessions/{id}
+    GET    /health  /ready  /metrics
+    GET    /debug/state             engine blocks, requests and sessions in numbers (tests and operators)
+
+Sessions. ``"session_mode": "full"`` (default): the client sends the whole
+conversation each turn and the engine reuses the cached prefix that matches.
+``"session_mode": "append"``: the client sends only the new messages; the
+server keeps the conversation (messages and replies) and renders all of it
+through the chat template. Turns of one session are sequential: a second
+request while one is in flight gets 409 ``session_busy``. A session belongs to
+the API key that created it; other keys get 404, as if it did not exist.
+
+Status codes: 400 bad input (also a context too long: code
+``context_length_exceeded``), 401 missing or wrong key, 404 unknown model,
+session or route, 405 wrong method, 409 session busy, 413 body over
+``--max-body-bytes``, 429 waiting queue full (Retry-After), 503 draining,
+500 an internal error. Request body extensions: ``session_id``,
+``session_mode``, ``ignore_eos``, ``top_k``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..errors import InvalidRequestError, UnknownSessionError
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .protocol import (APIError, GenerationRequest, bad, check_session_id, from_engine_error, parse_chat,
+                       parse_completion, parse_json_body, session_not_found)
+from .snapshot import cache_config_labels
+from .worker import EngineWorker
+
+log = logging.getLogger("pensieve.server")
+
+
+class _History:
+    """A session's conversation held by the server (append mode)."""
+
+    __slots__ = ("owner", "messages")
+
+    def __init__(self, owner: str | None, messages: list[dict]):
+        self.owner, self.messages = owner, messages
+
+
+class PensieveServer:
+    def __init__(self, engine, config: ServerConfig, loop: asyncio.AbstractEventLoop | None = None):
+        self.engine = engine
+        self.config = config
+        self.loop = loop or asyncio.get_running_loop()
+        self.worker = EngineWorker(engine, self.loop, config.max_waiting_requests)
+        self.metrics = ServerMetrics(lambda: self.worker.snapshot, cache_config_labels(engine))
+        self.model_names = {engine.served_model_name, engine.config.model}
+        self._keys = {k.encode(): _owner_of(k) for k in config.api_key}
+        self.histories: dict[str, _History] = {}
+        self.inflight: set[str] = set()
+        self.draining = False
+        self.drained = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ app
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.config.max_body_bytes)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/sessions/{session_id}", self.get_session)
+        app.router.add_delete("/v1/sessions/{session_id}", self.delete_session)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_get("/debug/state", self.debug_state)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_startup(self, app) -> None:
+        self.worker.start()
+
+    async def _on_shutdown(self, app) -> None:
+        for rid in list(self.inflight):
+            self.worker.abort(rid, keep_stream=True)
+
+    def stop_worker(self) -> None:
+        self.worker.stop()
+
+    # ------------------------------------------------------------------ middleware
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        rid = uuid.uuid4().hex[:16]
+        request["rid"] = rid
+        request["log"] = {}
+        t0 = time.monotonic()
+        path = request.path
+        api = path.startswith("/v1/") or path.startswith("/debug/")
+        status = 500
+        try:
+            if api and self.draining:
+                raise APIError(503, "the server is draining (shutting down); retry on another replica",
+                               type="service_unavailable", code="draining", headers={"Retry-After": "1"})
+            if api:
+                request["owner"] = self._authenticate(request)
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except APIError as e:
+            status = e.status
+            request["log"]["error"] = e.code or e.type
+            if api and request.method == "POST":
+                self.metrics.requests.labels(status=str(e.status)).inc()
+            return _error_response(e, rid)
+        except web.HTTPException as e:
+            status = e.status
+            if e.status == 413:
+                err = APIError(413, f"request body is larger than {self.config.max_body_bytes} bytes",
+                               code="request_too_large")
+                if api and request.method == "POST":
+                    self.metrics.requests.labels(status="413").inc()
+            else:
+                err = APIError(e.status, e.reason or "error", code="not_found" if e.status == 404 else None)
+            resp = _error_response(err, rid)
+            for k in ("Allow",):
+                if k in e.headers:
+                    resp.headers[k] = e.headers[k]
+            return resp
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's convention)
+            raise
+        except Exception:
+            log.exception("req=%s %s %s failed", rid, request.method, path)
+            return _error_response(APIError(500, "internal error", type="server_error", code="internal_error"), rid)
+        finally:
+            if path not in ("/metrics", "/health", "/ready"):
+                extra = " ".join(f"{k}={v}" for k, v in request["log"].items())
+                log.info("req=%s %s %s %d %.3fs %s", rid, request.method, path, status, time.monotonic() - t0, extra)
+
+    def _authenticate(self, request: web.Request) -> str | None:
+        if not self._keys:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
+                           code="invalid_api_key")
+        token_b = token.strip().encode("utf-8", "surrogateescape")
+        for key, owner in self._keys.items():
+            if hmac.compare_digest(key, token_b):
+                return owner
+        raise APIError(401, "incorrect API key", type="authentication_error", code="invalid_api_key")
+
+    # ------------------------------------------------------------------ plain endpoints
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.worker._thread.is_alive():
+            return web.json_response({"status": "engine thread stopped"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"ready": False, "reason": "draining"}, status=503)
+        if not self.worker._thread.is_alive():
+            return web.json_response({"ready": False, "reason": "engine thread stopped"}, status=503)
+        return web.json_response({"ready": True})
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        resp = web.Response(body=self.metrics.render())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def debug_state(self, request: web.Request) -> web.Response:
+        snap = self.worker.snapshot.as_dict()
+        snap["server"] = {"inflight": len(self.inflight), "inbox": self.worker.inbox_size,
+                          "draining": self.draining, "histories": len(self.histories)}
+        return web.json_response(snap)
+
+    async def models(self, request: web.Request) -> web.Response:
+        e = self.engine
+        return web.json_response({"object": "list", "data": [{
+            "id": e.served_model_name, "object": "model", "created": self.created, "owned_by": "pensieve",
+            "max_model_len": e.max_model_len}]})
+
+    # ------------------------------------------------------------------ sessions
+    def _path_session(self, request: web.Request) -> str:
+        return check_session_id(request.match_info["session_id"], self.config.max_session_id_len)
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        sid = self._path_session(request)
+        owner = request["owner"]
+
+        def read(engine):
+            s = engine.get_session(sid)
+            if s.owner != owner:
+                raise UnknownSessionError(sid)
+            return {"id": s.session_id, "object": "session", "num_turns": s.num_turns, "cached_tokens": s.num_cached,
+                    "cached_blocks": len(s.block_ids), "active": s.active_request is not None,
+                    "idle_seconds": round(max(0.0, time.monotonic() - s.last_active), 3)}
+
+        try:
+            info = await self.worker.call(read)
+        except Exception as e:
+            raise from_engine_error(e, sid) from None
+        hist = self.histories.get(sid)
+        info["num_messages"] = len(hist.messages) if hist is not None and hist.owner == owner else 0
+        return web.json_response(info, headers={"X-Session-ID": sid})
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        sid = self._path_session(request)
+        owner = request["owner"]
+
+        def delete(engine):
+            s = engine.get_session(sid)
+            if s.owner != owner:
+                raise UnknownSessionError(sid)
+            engine.delete_session(sid)
+
+        try:
+            await self.worker.call(delete)
+        except Exception as e:
+            raise from_engine_error(e, sid) from None
+        hist = self.histories.get(sid)
+        if hist is not None and hist.owner == owner:
+            del self.histories[sid]
+        return web.json_response({"id": sid, "object": "session", "deleted": True})
+
+    # ------------------------------------------------------------------ generation
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_json(request)
+        return await self._generate(request, parse_chat(body, self.config))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_json(request)
+        return await self._generate(request, parse_completion(body, self.config))
+
+    async def _read_json(self, request: web.Request) -> dict:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+        return parse_json_body(raw)
+
+    def _session_of(self, request: web.Request, greq: GenerationRequest) -> str | None:
+        header = request.headers.get("X-Session-ID")
+        if header is not None:
+            check_session_id(header, self.config.max_session_id_len, param="X-Session-ID")
+            if greq.session_id is not None and greq.session_id != header:
+                raise bad("the X-Session-ID header and the body's session_id differ", "session_id",
+                          "invalid_session_id")
+            return header
+        return greq.session_id
+
+    async def _generate(self, request: web.Request, greq: GenerationRequest) -> web.StreamResponse:
+        t_arrival = time.monotonic()
+        if greq.model not in self.model_names:
+            raise APIError(404, f"model {greq.model!r} not found; this server serves "
+                                f"{self.engine.served_model_name!r}", param="model", code="model_not_found")
+        sid = self._session_of(request, greq)
+        owner = request["owner"]
+        lg = request["log"]
+        if sid is not None:
+            lg["session"] = sid
+        if greq.session_mode == "append" and sid is None:
+            raise bad("session_mode 'append' needs a session (X-Session-ID header or session_id)", "session_mode",
+                      "missing_required_parameter")
+
+        messages = greq.messages
+        if greq.kind == "chat" and greq.session_mode == "append":
+            hist = self.histories.get(sid)
+            if hist is not None and hist.owner != owner:
+                raise session_not_found(sid)
+            messages = (list(hist.messages) if hist is not None else []) + greq.messages
+        params = greq.params
+        prompt = greq.prompt
+
+        def build(engine):
+            if messages is None:
+                return prompt, params
+            try:
+                return engine.encode_chat(messages), params
+            except Exception as e:  # the template refused the conversation (e.g. role order)
+                raise InvalidRequestError(f"the chat template could not render these messages: {e}",
+                                          "messages") from None
+
+        rid = ("chatcmpl-" if greq.kind == "chat" else "cmpl-") + request["rid"]
+        lg["id"] = rid
+        self.inflight.add(rid)
+        self._idle.clear()
+        fut, queue = self.worker.add(rid, build, sid, owner)
+        finished = False
+        try:
+            try:
+                num_prompt = await fut
+            except Exception as e:
+                raise from_engine_error(e, sid) from None
+            lg["prompt"] = num_prompt
+            ctx = _Gen(self, greq, rid, sid, owner, t_arrival, messages)
+            if greq.stream:
+                resp = await ctx.stream(request, queue)
+            else:
+                resp = await ctx.collect(queue)
+            finished = ctx.finished
+            lg.update(cached=ctx.cached, gen=ctx.num_output, finish=ctx.finish_reason,
+                      ttft=f"{ctx.ttft:.3f}" if ctx.ttft is not None else "-")
+            return resp
+        finally:
+            if finished:
+                self.worker.release(rid)
+            else:
+                self.worker.abort(rid)  # disconnect, error or cancellation: free what it holds
+            self.inflight.discard(rid)
+            if not self.inflight:
+                self._idle.set()
+
+    # ------------------------------------------------------------------ drain
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: /ready is false, new requests get 503; %d in flight, %.0fs grace",
+                 len(self.inflight), self.config.drain_timeout)
+        self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=self.config.drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain grace period over: aborting %d requests", len(self.inflight))
+            for rid in list(self.inflight):
+                self.worker.abort(rid, keep_stream=True)
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=5.0)
+            except asyncio.TimeoutError:
+                log.warning("%d requests still open after abort", len(self.inflight))
+        log.info("drained")
+        self.drained.set()
+
+
+class _Gen:
+    """One generation's bookkeeping: response shapes, metrics, session history."""
+
+    def __init__(self, server: PensieveServer, greq: GenerationRequest, rid: str, sid: str | None,
+                 owner: str | None, t_arrival: float, messages: list[dict] | None):
+        self.server, self.greq, self.rid, self.sid, self.owner = server, greq, rid, sid, owner
+        self.t_arrival = t_arrival
+        self.messages = messages
+        self.t_last: float | None = None
+        self.ttft: float | None = None
+        self.text: list[str] = []
+        self.finished = False
+        self.disconnected = False
+        self.finish_reason: str | None = None
+        self.num_prompt = 0
+        self.cached = 0
+        self.num_output = 0
+        self.created = int(time.time())
+        self.model = server.engine.served_model_name
+
+    @property
+    def chat(self) -> bool:
+        return self.greq.kind == "chat"
+
+    def headers(self) -> dict:
+        h = {"X-Request-ID": self.rid}
+        if self.sid is not None:
+            h["X-Session-ID"] = self.sid
+        return h
+
+    def _take(self, out) -> None:
+        """Account one RequestOutput (or raise the engine's error)."""
+        if isinstance(out, BaseException):
+            raise APIError(500, f"the engine failed while running this request: {out}", type="server_error",
+                           code="internal_error")
+        now = time.monotonic()
+        m = self.server.metrics
+        n_new = len(out.new_token_ids)
+        if n_new:
+            if self.ttft is None:
+                self.ttft = now - self.t_arrival
+                m.ttft.observe(self.ttft)
+            elif self.t_last is not None:
+                gap = (now - self.t_last) / n_new
+                for _ in range(n_new):
+                    m.itl.observe(gap)
+            self.t_last = now
+        self.text.append(out.new_text)
+        self.num_prompt, self.cached, self.num_output = out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens
+        if out.finished:
+            self.finished = True
+            self.finish_reason = out.finish_reason
+            m.latency.observe(now - self.t_arrival)
+            m.requests.labels(status=out.finish_reason or "stop").inc()
+            self._remember()
+
+    def _remember(self) -> None:
+        """Keep the conversation for append-mode turns (also after full-history turns)."""
+        if not self.chat or self.sid is None or self.finish_reason == "abort":
+            return
+        self.server.histories[self.sid] = _History(
+            self.owner, list(self.messages) + [{"role": "assistant", "content": "".join(self.text)}])
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.num_prompt, "completion_tokens": self.num_output,
+                "total_tokens": self.num_prompt + self.num_output,
+                "prompt_tokens_details": {"cached_tokens": self.cached}}
+
+    async def collect(self, queue: asyncio.Queue) -> web.Response:
+        while not self.finished:
+            self._take(await queue.get())
+        text = "".join(self.text)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": self.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason}
+            obj = "text_completion"
+        body = {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
+                "usage": self.usage()}
+        if self.sid is not None:
+            body["session_id"] = self.sid
+        return web.json_response(body, headers=self.headers())
+
+    def _chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if self.chat:
+            delta = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+
+    async def stream(self, request: web.Request, queue: asyncio.Queue) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **self.headers()})
+        await resp.prepare(request)
+
+        async def send(obj) -> None:
+            await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+        try:
+            if self.chat:
+                await send(self._chunk("", None, first=True))
+            while not self.finished:
+                item = await queue.get()
+                try:
+                    self._take(item)
+                except APIError as e:
+                    await send(e.body())
+                    break
+                if item.new_text or item.finished:
+                    chunk = self._chunk(item.new_text if item.new_text else None, item.finish_reason)
+                    if item.finished and self.greq.include_usage is False:
+                        chunk["usage"] = self.usage()  # harmless extension; clients that asked get the OpenAI shape too
+                    await send(chunk)
+            if self.finished and self.greq.include_usage:
+                usage_chunk = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                               "created": self.created, "model": self.model, "choices": [], "usage": self.usage()}
+                await send(usage_chunk)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionError:
+            # The client went away mid-stream: the caller aborts the request.
+            self.finished = False
+            self.disconnected = True
+        return resp
+
+
+def _owner_of(key: str) -> str:
+    """Sessions record a digest of the key that made them, not the key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def _error_response(e: APIError, rid: str) -> web.Response:
+    headers = {"X-Request-ID": rid, **e.headers}
+    return web.json_response(e.body(), status=e.status, headers=headers)
