@@ -53,13 +53,19 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def control_plane():
+def control_plane(request):
     if shutil.which("ip") is None:
         pytest.skip("iproute2 (`ip`) is missing: the stand-in kubelet gives pods addresses with network namespaces")
     ok, why = Net.available()
     if not ok:
         pytest.skip(f"network namespaces unavailable here ({why}); the stand-in pods need their own addresses")
-    bins = ensure_binaries()
+    # The first build takes minutes: let its progress reach the terminal, past pytest's capture.
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            bins = ensure_binaries()
+    else:
+        bins = ensure_binaries()
     cp = ControlPlane(bins).start()
     os.environ["KUBECONFIG"] = str(cp.kubeconfig)
     yield cp
@@ -118,15 +124,23 @@ def fake_nodes(api):
 
 
 @pytest.fixture(scope="session")
-def kubelet(api, fake_nodes, control_plane):
+def kubelet_command_for():
+    """What the stand-in kubelet runs for a pod: override this fixture, or set
+    PENSIEVE_KUBELET_MODE=engine (+ PENSIEVE_KUBELET_MODEL=DIR) to run the real engine."""
     mode = os.environ.get("PENSIEVE_KUBELET_MODE", "standin")
     if mode == "engine":
         model = os.environ.get("PENSIEVE_KUBELET_MODEL")
         if not model:
             pytest.skip("PENSIEVE_KUBELET_MODE=engine needs PENSIEVE_KUBELET_MODEL=<tiny checkpoint dir>")
-        command_for = engine_command(model)
-    else:
-        command_for = standin_command
+        return engine_command(model)
+    if mode != "standin":
+        raise ValueError(f"PENSIEVE_KUBELET_MODE must be standin or engine, got {mode!r}")
+    return standin_command
+
+
+@pytest.fixture(scope="session")
+def kubelet(api, fake_nodes, control_plane, kubelet_command_for):
+    command_for = kubelet_command_for
     logs = control_plane.logs / "pods"
     logs.mkdir(exist_ok=True)
     k = StandInKubelet(api, fake_nodes, command_for, log_dir=logs, api_server_port=control_plane.port).start()

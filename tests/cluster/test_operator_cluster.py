@@ -321,3 +321,21 @@ def test_deleting_the_pensievedeployment_collects_children(api, co, core, namesp
     raw_request(api, "DELETE", f"/apis/{G}/{V}/namespaces/{namespace}/{P}/chat")
     wait_for(lambda: child_set(api, namespace, "chat") == {}, 60, "garbage collection of the children")
     wait_for(lambda: not core.list_namespaced_pod(namespace).items, 60, "pods gone")
+
+
+def test_foreign_object_is_never_touched(api, co, core, namespace):
+    foreign = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chat-engine", "labels": {"team": "other"}},
+               "data": {"owner": "someone else"}}
+    before = raw_request(api, "POST", f"/api/v1/namespaces/{namespace}/configmaps", foreign)
+    body = json.loads(json.dumps(SAMPLE))
+    body["spec"]["autoscaling"]["enabled"] = False
+    create_pdep(co, namespace, body)
+    def conflict():
+        d = condition(get_pdep(co, namespace, "chat"), "Degraded")
+        return d if d.get("reason") == "ChildConflict" else None
+    d = wait_for(conflict, 30, "Degraded/ChildConflict")
+    assert "ConfigMap/chat-engine exists and is not owned" in d["message"]
+    time.sleep(6)  # a resync later, still untouched
+    after = raw_request(api, "GET", f"/api/v1/namespaces/{namespace}/configmaps/chat-engine")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert after["data"] == {"owner": "someone else"} and "ownerReferences" not in after["metadata"]

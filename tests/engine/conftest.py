@@ -15,7 +15,9 @@ def make_engine(tiny_checkpoint):
         overrides.setdefault("num_gpu_blocks", 128)
         overrides.setdefault("block_size", 16)
         overrides.setdefault("num_cpu_blocks", 64)
-        engine = LLMEngine(EngineConfig(model=tiny_checkpoint(family), device="cpu", dtype="float32", **overrides))
+        overrides.setdefault("device", "cpu")
+        overrides.setdefault("dtype", "float32")
+        engine = LLMEngine(EngineConfig(model=tiny_checkpoint(family), **overrides))
         engines.append(engine)
         return engine
 

@@ -216,3 +216,31 @@ def test_pressure_exercises_every_path(make_engine):
     assert engine.cache.stats.evicted_tokens["cpu"] > 0
     assert engine.stats.preemptions > 0
     assert engine.swap_bytes("in") == engine.cache.stats.swap_in_blocks * engine.runner.bytes_per_block
+
+
+def test_cost_profile_measured_cached_and_monotone(make_engine, tmp_path, monkeypatch):
+    from pensieve.engine.cost_model import load_or_profile, profile_cache_path
+
+    monkeypatch.setenv("PENSIEVE_CACHE", str(tmp_path))
+    engine = make_engine("llama", num_gpu_blocks=80)
+    path = profile_cache_path(engine.model_config, "cpu", "float32", 16)
+    calls = []
+
+    def measure(pos):
+        calls.append(pos)
+        return engine.runner.time_chunk(pos, repeats=1)
+
+    model = load_or_profile(path, measure, 1008)  # the last chunk ends inside the 1024-token context
+    assert calls == [0, 32, 64, 128, 256, 512, 1008] and path.is_file()
+    assert all(b >= a for a, b in zip(model.costs, model.costs[1:]))
+    again = load_or_profile(path, lambda p: pytest.fail("re-measured a cached profile"), 1008)
+    assert again.costs == model.costs and again.source == "profile(cached)"
+    assert model.chunk_cost(96) == pytest.approx((model.costs[2] + model.costs[3]) / 2)
+
+
+def test_cpu_tier_sized_from_bytes(make_engine):
+    engine = make_engine("llama", num_cpu_blocks=None, cpu_cache_bytes="1Mi")
+    assert engine.num_cpu_blocks == (1 << 20) // engine.runner.bytes_per_block
+    assert make_engine("llama", num_cpu_blocks=None, cache_mode="gpu-only").num_cpu_blocks == 0
+    auto = make_engine("llama", num_cpu_blocks=None)
+    assert auto.num_cpu_blocks > 0

@@ -341,6 +341,26 @@ class CacheManager:
             if j is not None:
                 heapq.heappush(heap, (self.policy.value(j * bs, idle), n, j, s, idle))
 
+    def offload(self, session_id: str) -> int:
+        """Move an idle session's GPU chunks to the CPU tier now (benchmarks and tests).
+        Returns how many chunks moved; those the CPU tier cannot take stay on the GPU."""
+        s = self.get_session(session_id)
+        moved = 0
+        for c in s.chunks:
+            if c.gpu is None:
+                continue
+            if c.cpu is None:
+                ids = self.cpu.allocate(1)
+                if ids is None:
+                    break
+                c.cpu = ids[0]
+                self._plan.swap_out.append((c.gpu, c.cpu))
+                self.stats.swap_out_blocks += 1
+            self.gpu.free([c.gpu])
+            c.gpu = None
+            moved += 1
+        return moved
+
     # ------------------------------------------------------------- per step
     def plan_swap_ahead(self) -> None:
         """Copy idle GPU chunks to the CPU ahead of need while free GPU blocks are scarce."""

@@ -179,6 +179,15 @@ class LLMEngine:
             self.abort(s.active_request)
         self.cache.delete_session(session_id)
 
+    def offload_session(self, session_id: str) -> int:
+        """Copy an idle session's context to the CPU tier and free its GPU blocks, now."""
+        moved = self.cache.offload(session_id)
+        self.runner.execute(SchedulerOutput(swaps=self.cache.take_plan()))
+        self.cache.finish_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return moved
+
     def get_session(self, session_id: str) -> Session:
         return self.cache.get_session(session_id)
 
@@ -190,7 +199,8 @@ class LLMEngine:
             return analytic
         name = torch.cuda.get_device_name(self.device)
         path = profile_cache_path(self.model_config, name, str(self.dtype), self.config.block_size)
-        limit = min(self.max_model_len, (num_gpu_blocks - 2) * self.config.block_size)
+        # The last profiled chunk must end inside the context.
+        limit = min(self.max_model_len, (num_gpu_blocks - 2) * self.config.block_size) - self.config.block_size
         try:
             return load_or_profile(path, self.runner.time_chunk, limit)
         except (RuntimeError, ValueError, OSError) as e:

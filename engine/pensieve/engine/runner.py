@@ -3,9 +3,12 @@ into one forward pass and returns the logits of the rows that sample."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
+
+from pensieve.kernels import prepare_paged_attention
 
 from .checkpoint import load_model
 from .config import EngineConfig
@@ -29,6 +32,14 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.attention_impl = config.attention_impl
+        self.num_heads = model_cfg["num_attention_heads"]
+        forced = os.environ.get("PENSIEVE_KERNELS", "auto").strip().lower()
+        self.uses_triton = config.attention_impl == "triton" or (
+            config.attention_impl == "auto" and forced != "ref" and (device.type == "cuda" or forced == "triton"))
+        if self.uses_triton and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            from .errors import InvalidRequestError
+            raise InvalidRequestError("Triton kernels on a CPU run only in the interpreter: set TRITON_INTERPRET=1 "
+                                      "or use --attention-impl ref", "attention_impl")
         self.swapper: Swapper | None = None
 
     @property
@@ -151,6 +162,10 @@ class ModelRunner:
             seg_pos_start=to_dev(pos_start, torch.int32),
             impl=self.attention_impl,
         )
+        if self.uses_triton:
+            meta.kernel_plan = prepare_paged_attention(torch.tensor(q_start, dtype=torch.int32),
+                                                       torch.tensor(pos_start, dtype=torch.int32),
+                                                       self.num_heads, self.num_kv_heads, device=dev)
         return to_dev(input_ids, torch.int64), to_dev(positions, torch.int64), meta, sample_rows
 
     @torch.inference_mode()

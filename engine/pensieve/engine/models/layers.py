@@ -29,6 +29,7 @@ class AttentionMetadata:
     seg_pos_start: torch.Tensor
     impl: str = "auto"
     wait_for_layer: Callable[[int], None] | None = None
+    kernel_plan: object | None = None  # the Triton kernel's launch plan, built once per step
 
 
 class Attention(nn.Module):
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, impl=meta.impl)
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seg_q_start, meta.seg_pos_start,
-                              self.scale, impl=meta.impl)
+                              self.scale, impl=meta.impl, metadata=meta.kernel_plan)
         return out.reshape(-1, self.num_heads * self.head_dim)
 
 

@@ -122,6 +122,7 @@ class PensieveServer:
             return resp
         except APIError as e:
             status = e.status
+            request["log"]["error"] = e.code or e.type
             if api and request.method == "POST":
                 self.metrics.requests.labels(status=str(e.status)).inc()
             return _error_response(e, rid)

@@ -9,12 +9,13 @@ Hooks for the CPU tier: everything the GPU-only engine does not have yet is
 read with ``getattr(..., default)``, so filling these in makes the metrics move
 without touching the server:
 
-    engine.stats.context_tokens        dict source -> tokens, sources gpu|cpu|recomputed|new
-                                       (default: gpu = cached_prompt_tokens, new = the rest of the prompts)
-    engine.stats.swap_in_bytes / swap_out_bytes
-    engine.stats.evicted_tokens_gpu / evicted_tokens_cpu   (default gpu: engine.cache.evicted_tokens)
-    engine.scheduler.swapped           requests suspended to the CPU tier (len is taken)
-    engine.cache.cpu                   the CPU BlockPool (num_blocks, num_used, usage())
+    engine.cache.stats.context_tokens  dict source -> tokens, sources gpu|cpu|recomputed|new
+      (or engine.stats.context_tokens;  default: gpu = cached_prompt_tokens, new = the rest of the prompts)
+    engine.swap_bytes("in"|"out")      (or engine.stats.swap_in_bytes / swap_out_bytes)
+    engine.cache.stats.evicted_tokens  dict tier -> tokens (or engine.stats.evicted_tokens_gpu/_cpu;
+                                       default gpu: engine.cache.evicted_tokens)
+    engine.scheduler.num_suspended     requests suspended to the CPU tier (or len(engine.scheduler.swapped))
+    engine.cache.cpu                   the CPU BlockPool (num_blocks, num_used)
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def engine_metrics_snapshot(engine) -> EngineSnapshot:
     s = EngineSnapshot(taken_at=time.time())
     s.num_requests_running = len(sched.running)
     s.num_requests_waiting = len(sched.waiting)
-    s.num_requests_swapped = len(getattr(sched, "swapped", ()) or ())
+    suspended = getattr(sched, "num_suspended", None)
+    s.num_requests_swapped = int(suspended) if isinstance(suspended, int) else len(getattr(sched, "swapped", ()) or ())
     s.gpu_blocks_total, s.gpu_blocks_used, s.gpu_usage_ratio = _pool(cache.gpu)
     s.cpu_blocks_total, s.cpu_blocks_used, s.cpu_usage_ratio = _pool(getattr(cache, "cpu", None))
     sessions = list(cache.sessions.values())
@@ -81,17 +83,25 @@ def engine_metrics_snapshot(engine) -> EngineSnapshot:
     s.prompt_tokens = int(stats.prompt_tokens)
     s.generation_tokens = int(stats.generation_tokens)
 
-    ctx = getattr(stats, "context_tokens", None)
+    cstats = getattr(cache, "stats", None)
+    ctx = getattr(cstats, "context_tokens", None) or getattr(stats, "context_tokens", None)
     if ctx:
         s.context_tokens = {k: int(ctx.get(k, 0)) for k in CONTEXT_SOURCES}
     else:
         cached = int(stats.cached_prompt_tokens)
         s.context_tokens = {"gpu": cached, "cpu": 0, "recomputed": 0, "new": max(0, s.prompt_tokens - cached)}
-    s.swap_bytes = {"in": int(getattr(stats, "swap_in_bytes", 0)), "out": int(getattr(stats, "swap_out_bytes", 0))}
-    gpu_evicted = getattr(stats, "evicted_tokens_gpu", None)
-    if gpu_evicted is None:
-        gpu_evicted = getattr(cache, "evicted_tokens", 0)
-    s.evicted_tokens = {"gpu": int(gpu_evicted), "cpu": int(getattr(stats, "evicted_tokens_cpu", 0))}
+    if callable(getattr(engine, "swap_bytes", None)):
+        s.swap_bytes = {d: int(engine.swap_bytes(d)) for d in ("in", "out")}
+    else:
+        s.swap_bytes = {"in": int(getattr(stats, "swap_in_bytes", 0)), "out": int(getattr(stats, "swap_out_bytes", 0))}
+    evicted = getattr(cstats, "evicted_tokens", None)
+    if isinstance(evicted, dict):
+        s.evicted_tokens = {"gpu": int(evicted.get("gpu", 0)), "cpu": int(evicted.get("cpu", 0))}
+    else:
+        gpu_evicted = getattr(stats, "evicted_tokens_gpu", None)
+        if gpu_evicted is None:
+            gpu_evicted = getattr(cache, "evicted_tokens", 0)
+        s.evicted_tokens = {"gpu": int(gpu_evicted), "cpu": int(getattr(stats, "evicted_tokens_cpu", 0))}
     s.requests_finished = dict(stats.requests_finished)
     s.preemptions = int(stats.preemptions)
     s.steps = int(stats.steps)
