@@ -244,3 +244,20 @@ def test_cpu_tier_sized_from_bytes(make_engine):
     assert make_engine("llama", num_cpu_blocks=None, cache_mode="gpu-only").num_cpu_blocks == 0
     auto = make_engine("llama", num_cpu_blocks=None)
     assert auto.num_cpu_blocks > 0
+
+
+def test_large_request_admitted_when_nothing_runs(make_engine):
+    """The admission watermark protects running decodes; with nothing running, a request
+    that fits the GPU tier at all must be admitted (it used to wait forever)."""
+    engine = make_engine("llama", num_gpu_blocks=40, num_cpu_blocks=8)
+    prompt = [3 + i % 500 for i in range(581)]  # 37 of 40 blocks: over the 10% watermark
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    tokens = []
+    for _ in range(100):  # bounded: the bug was an endless wait
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+        if not engine.has_unfinished():
+            break
+    else:
+        engine.abort(rid)
+        pytest.fail("the request was never admitted")
+    assert len(tokens) == 20

@@ -157,12 +157,15 @@ class CacheManager:
         missing = sum(1 for c in s.chunks[:keep] if c.gpu is None)
         return match, recompute, missing
 
-    def admissible(self, num_blocks: int, req: Request | None = None) -> bool:
+    def admissible(self, num_blocks: int, req: Request | None = None, others_running: bool = True) -> bool:
         """Would ``num_blocks`` more GPU blocks leave more than the admission watermark free?
-        (``req``'s own session's blocks are not counted as reclaimable: it is about to use them.)"""
+        The watermark keeps room for running requests' decodes; with none running, fitting is enough
+        (else a request larger than 90% of the tier would wait forever).
+        ``req``'s own session's blocks are not counted as reclaimable: it is about to use them."""
         own = sum(1 for c in req.session.chunks if c.gpu is not None) if req is not None and req.session else 0
         available = self.gpu.num_free + self.reclaimable_blocks() - own
-        return available - num_blocks >= max(self.admit_above * self.gpu.num_blocks, 0)
+        reserve = self.admit_above * self.gpu.num_blocks if others_running else 0
+        return available - num_blocks >= reserve
 
     def attach(self, req: Request, match: int, recompute: int, count_context: bool = True) -> None:
         """Move the session's first ``match`` tokens of context to ``req`` (see plan_attach)."""

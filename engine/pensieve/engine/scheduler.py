@@ -102,7 +102,7 @@ class Scheduler:
             recompute, new = self._split(req, recompute_tokens, len(req.token_ids) - match, budget)
             bs = self.cache.block_size
             need = missing + max(0, -(-(match + new) // bs) - (-(-match // bs)))
-            if not self.cache.admissible(need, req):
+            if not self.cache.admissible(need, req, others_running=bool(self.running)):
                 break
             self.cache.attach(req, match, recompute_tokens, count_context=not req.admitted)
             if not self.cache.grow(req, match + new):
