@@ -261,3 +261,21 @@ def test_large_request_admitted_when_nothing_runs(make_engine):
         engine.abort(rid)
         pytest.fail("the request was never admitted")
     assert len(tokens) == 20
+
+
+@pytest.mark.parametrize("with_session", [False, True])
+def test_aborting_suspended_requests_frees_their_context(make_engine, with_session):
+    engine = make_engine("llama", num_gpu_blocks=10, num_cpu_blocks=4)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    ids = [engine.add_request([5 + i] * 30, params, session_id=f"s{i}" if with_session else None) for i in range(3)]
+    for _ in range(200):
+        engine.step()
+        if engine.scheduler.num_suspended:
+            break
+    assert engine.scheduler.num_suspended, "no request was suspended"
+    for rid in ids:
+        engine.abort(rid)
+    engine.cache.check_invariants()
+    for sid in list(engine.cache.sessions):
+        engine.delete_session(sid)
+    assert engine.cache.gpu.num_free == 10 and engine.cache.cpu.num_free == 4

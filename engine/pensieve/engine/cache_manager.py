@@ -223,7 +223,9 @@ class CacheManager:
                 s.token_ids = req.token_ids[:valid]
                 s.chunks = [Chunk(gpu=b) for b in blocks[:keep]]
                 blocks = blocks[keep:]
-            if s.internal:
+            if s.internal:  # it only held a suspended request's context
+                self._free_chunks(s.chunks)
+                s.chunks, s.token_ids = [], []
                 self.sessions.pop(s.session_id, None)
         self.gpu.free(blocks)
 

@@ -76,7 +76,8 @@ def engine_metrics_snapshot(engine) -> EngineSnapshot:
     s.gpu_blocks_total, s.gpu_blocks_used, s.gpu_usage_ratio = _pool(cache.gpu)
     s.cpu_blocks_total, s.cpu_blocks_used, s.cpu_usage_ratio = _pool(getattr(cache, "cpu", None))
     sessions = list(cache.sessions.values())
-    s.sessions_active = len(sessions)
+    # Internal sessions only park a suspended request's context; they are not conversations.
+    s.sessions_active = sum(1 for x in sessions if not getattr(x, "internal", False))
     s.session_blocks = sum(len(x.block_ids) for x in sessions)
     s.request_blocks = sum(len(r.block_ids) for r in engine.requests.values())
     s.num_unfinished = len(engine.requests)
