@@ -112,3 +112,22 @@ def test_abort_keeps_computed_context_in_session(make_engine):
     assert out.finished and out.finish_reason == "abort"
     s = engine.get_session("s")
     assert s.active_request is None and s.num_cached >= 40
+
+
+def test_idle_sessions_expire(make_engine):
+    engine = make_engine("llama", session_idle_timeout=30.0)
+    now = [1000.0]
+    engine.cache.clock = lambda: now[0]
+    for sid in ("old", "busy"):
+        engine.add_request([1, 2, 3, 4], PARAMS, session_id=sid)
+        while engine.has_unfinished():
+            engine.step()
+    now[0] += 20
+    engine.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=50, temperature=0), session_id="busy")
+    engine.step()
+    assert engine.expire_idle_sessions() == []
+    now[0] += 15  # "old" idle 35 s; "busy" has a request in flight
+    assert engine.expire_idle_sessions() == ["old"]
+    assert "old" not in engine.cache.sessions and "busy" in engine.cache.sessions
+    engine.abort(engine.get_session("busy").active_request)
+    assert make_engine("llama", session_idle_timeout=0).expire_idle_sessions() == []

@@ -49,6 +49,8 @@ class EngineConfig:
     num_gpu_blocks: int | None = opt(None, "override the GPU-tier sizing (tests and benchmarks force memory pressure with it)")
     num_cpu_blocks: int | None = opt(None, "override the CPU-tier sizing")
     attention_impl: str = opt("auto", "auto: Triton kernels on CUDA, torch reference elsewhere", ("auto", "triton", "ref"))
+    session_idle_timeout: float = opt(3600.0, "seconds after which an idle session (its cache and history) is "
+                                              "forgotten; 0 keeps sessions until they are deleted")
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

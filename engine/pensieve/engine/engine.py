@@ -179,6 +179,20 @@ class LLMEngine:
             self.abort(s.active_request)
         self.cache.delete_session(session_id)
 
+    def expire_idle_sessions(self) -> list[str]:
+        """Forget sessions idle longer than ``session_idle_timeout``; returns their ids."""
+        ttl = self.config.session_idle_timeout
+        if ttl <= 0:
+            return []
+        now = self.cache.clock()
+        expired = [sid for sid, s in self.cache.sessions.items()
+                   if s.active_request is None and not s.internal and now - s.last_active > ttl]
+        for sid in expired:
+            self.cache.delete_session(sid)
+        if expired:
+            log.info("expired %d idle session(s)", len(expired))
+        return expired
+
     def offload_session(self, session_id: str) -> int:
         """Copy an idle session's context to the CPU tier and free its GPU blocks, now."""
         moved = self.cache.offload(session_id)

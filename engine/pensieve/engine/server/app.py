@@ -64,6 +64,7 @@ class PensieveServer:
         self.config = config
         self.loop = loop or asyncio.get_running_loop()
         self.worker = EngineWorker(engine, self.loop, config.max_waiting_requests)
+        self.worker.on_sessions_expired = self._forget_histories
         self.metrics = ServerMetrics(lambda: self.worker.snapshot, cache_config_labels(engine))
         self.model_names = {engine.served_model_name, engine.config.model}
         self._keys = {k.encode(): _owner_of(k) for k in config.api_key}
@@ -239,6 +240,11 @@ class PensieveServer:
         return web.json_response({"id": sid, "object": "session", "deleted": True})
 
     # ------------------------------------------------------------------ generation
+    def _forget_histories(self, session_ids: list[str]) -> None:
+        """The engine expired these idle sessions: drop their append-mode histories too."""
+        for sid in session_ids:
+            self.histories.pop(sid, None)
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_json(request)
         return await self._generate(request, parse_chat(body, self.config))

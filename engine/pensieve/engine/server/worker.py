@@ -23,8 +23,12 @@ from .snapshot import EngineSnapshot, engine_metrics_snapshot
 
 log = logging.getLogger("pensieve.server")
 
+EXPIRY_INTERVAL = 1.0  # seconds between checks for idle sessions to forget
+
 
 class EngineWorker:
+    on_sessions_expired: Callable[[list[str]], None] | None = None  # called on the event loop
+
     def __init__(self, engine, loop: asyncio.AbstractEventLoop, max_waiting_requests: int):
         self.engine = engine
         self.loop = loop
@@ -105,9 +109,15 @@ class EngineWorker:
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
         engine = self.engine
+        next_expiry = 0.0
         while not self._stop:
             self._wake.clear()
             worked = self._drain_inbox()
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + EXPIRY_INTERVAL
+                expired = engine.expire_idle_sessions()
+                if expired and self.on_sessions_expired is not None:
+                    self.loop.call_soon_threadsafe(self.on_sessions_expired, expired)
             if engine.has_unfinished():
                 try:
                     outputs = engine.step()
