@@ -61,3 +61,20 @@ def test_health_ready_metrics_need_no_key(server):
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(server.url + path, timeout=10).status_code == 200
     assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+
+
+def test_second_turn_while_first_in_flight_is_409(server):
+    sid = "one-turn-at-a-time"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "max_tokens": 400,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as client, client.stream(
+            "POST", server.url + "/v1/chat/completions", headers=server.headers(KEY1, **{"X-Session-ID": sid}),
+            json=body) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # the first turn is generating
+        busy = chat(server, KEY1, sid, "and another thing")
+        assert busy.status_code == 409, busy.text
+        assert busy.json()["error"]["code"] == "session_busy"
+        assert any(line == "data: [DONE]" for line in lines)  # the first turn still completes
+    assert chat(server, KEY1, sid, "now it is my turn").status_code == 200
