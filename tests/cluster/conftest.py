@@ -4,6 +4,7 @@ stand-in kubelet, the CRD, and the operator run with kopf's KopfRunner.
 Switches (environment):
   PENSIEVE_KUBELET_MODE=standin (default) | engine   what pods run (see standin_kubelet.py)
   PENSIEVE_KUBELET_MODEL=DIR                           the checkpoint engine mode serves
+  PENSIEVE_KUBELET_ROUTER=real (default) | standin     router pods: `python -m pensieve.router` or the stand-in app
   PENSIEVE_K8S_CACHE=DIR                               where the control-plane binaries are cached
 """
 from __future__ import annotations
@@ -25,12 +26,14 @@ sys.path.insert(0, str(HERE))
 
 # Fast resyncs for tests; read when the handlers module is imported.
 os.environ.setdefault("PENSIEVE_OPERATOR_RESYNC_SECONDS", "5")
+os.environ.setdefault("PENSIEVE_OPERATOR_DELETION_COST_SECONDS", "1")
+os.environ.setdefault("PENSIEVE_OPERATOR_DELETION_COST_TIMEOUT_SECONDS", "1")
 os.environ.setdefault("PENSIEVE_OPERATOR_ENGINE_IMAGE", "pensieve-engine:test")
 os.environ.setdefault("PENSIEVE_OPERATOR_ROUTER_IMAGE", "pensieve-router:test")
 
 from pensieve.operator.kube import raw_request  # noqa: E402
 from k8s_controlplane import ControlPlane, ensure_binaries  # noqa: E402
-from standin_kubelet import Net, StandInKubelet, engine_command, standin_command  # noqa: E402
+from standin_kubelet import Net, StandInKubelet, engine_command, standin_command, with_router  # noqa: E402
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 FAKE_NODES = [
@@ -140,12 +143,26 @@ def kubelet_command_for():
 
 @pytest.fixture(scope="session")
 def kubelet(api, fake_nodes, control_plane, kubelet_command_for):
-    command_for = kubelet_command_for
     logs = control_plane.logs / "pods"
     logs.mkdir(exist_ok=True)
+    router = os.environ.get("PENSIEVE_KUBELET_ROUTER", "real")
+    if router not in ("real", "standin"):
+        raise ValueError(f"PENSIEVE_KUBELET_ROUTER must be real or standin, got {router!r}")
+    command_for = with_router(kubelet_command_for, control_plane.kubeconfig, logs) if router == "real" else kubelet_command_for
+    # Pod-to-pod traffic (router -> engines) crosses the host between two veth links: the host
+    # must forward IPv4 while the tier runs (restored afterwards).
+    fwd = Path("/proc/sys/net/ipv4/ip_forward")
+    fwd_before = fwd.read_text().strip() if fwd.exists() else None
+    if router == "real" and fwd_before == "0":
+        try:
+            fwd.write_text("1\n")
+        except OSError as e:
+            pytest.skip(f"router pods cannot reach engine pods: enabling IPv4 forwarding failed ({e})")
     k = StandInKubelet(api, fake_nodes, command_for, log_dir=logs, api_server_port=control_plane.port).start()
     yield k
     k.stop()
+    if fwd_before == "0" and fwd.read_text().strip() != "0":
+        fwd.write_text("0\n")
     if k.errors:
         print(f"[cluster] stand-in kubelet errors (first 5): {k.errors[:5]}", file=sys.stderr)
 

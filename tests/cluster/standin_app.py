@@ -6,6 +6,8 @@ answers /health, /ready and /metrics with the engine contract's metric names
 
 On SIGTERM it turns /ready false and exits after PENSIEVE_STANDIN_DRAIN_SECONDS
 (default 0.5), like the engine's drain. GET /debug/env returns its PENSIEVE_* env.
+`pensieve_sessions_active` is PENSIEVE_STANDIN_SESSIONS_ACTIVE (default 0), changed at run
+time with POST /debug/sessions {"active": N}.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ pensieve_gpu_cache_blocks 128
 # TYPE pensieve_cpu_cache_blocks gauge
 pensieve_cpu_cache_blocks {cpu_blocks}
 # TYPE pensieve_sessions_active gauge
-pensieve_sessions_active 0
+pensieve_sessions_active {sessions}
 # TYPE pensieve_prompt_tokens_total counter
 pensieve_prompt_tokens_total {prompt}
 # TYPE pensieve_generation_tokens_total counter
@@ -51,7 +53,8 @@ def main() -> None:
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--port", type=int, default=8000)
     args = ap.parse_args()
-    state = {"ready": True, "requests": 0, "prompt": 0, "generated": 0}
+    state = {"ready": True, "requests": 0, "prompt": 0, "generated": 0,
+             "sessions": int(os.environ.get("PENSIEVE_STANDIN_SESSIONS_ACTIVE", "0"))}
     env = {k: v for k, v in os.environ.items() if k.startswith("PENSIEVE_") or k in ("POD_NAME", "POD_NAMESPACE")}
 
     async def health(_):
@@ -64,12 +67,16 @@ def main() -> None:
         block = int(env.get("PENSIEVE_BLOCK_SIZE", "32"))
         cpu_bytes = int(env.get("PENSIEVE_CPU_CACHE_BYTES", "0") or 0)
         text = METRICS.format(cpu_blocks=cpu_bytes // (block * 131072) if cpu_bytes else 0, prompt=state["prompt"],
-                              generated=state["generated"], requests=state["requests"], block=block,
+                              generated=state["generated"], requests=state["requests"], block=block, sessions=state["sessions"],
                               model=env.get("PENSIEVE_SERVED_MODEL_NAME", "standin"), mode=env.get("PENSIEVE_CACHE_MODE", "pensieve"))
         return web.Response(text=text, content_type="text/plain")
 
     async def debug_env(_):
         return web.json_response({"env": env, "hostname": socket.gethostname(), "role": args.role, "pid": os.getpid()})
+
+    async def set_sessions(request):
+        state["sessions"] = int((await request.json())["active"])
+        return web.json_response({"active": state["sessions"]})
 
     async def chat(request):
         body = await request.json()
@@ -90,6 +97,7 @@ def main() -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/debug/env", debug_env)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/debug/sessions", set_sessions)
 
     async def run() -> None:
         runner = web.AppRunner(app, access_log=None)

@@ -16,6 +16,10 @@ callable: by default `standin_app.py` (answers /health, /ready, /metrics with th
 contract's metric names); `engine_command(model_dir)` runs the real engine
 (`python -m pensieve.engine serve --model DIR --host 0.0.0.0 --port N`) with the pod's
 env. tests/cluster/conftest.py switches with PENSIEVE_KUBELET_MODE=standin|engine.
+`with_router(command_for, kubeconfig, out_dir)` runs router pods as the real
+`python -m pensieve.router` (its env from the pod), with PENSIEVE_ROUTER_KUBECONFIG set
+to a copy of the control plane's kubeconfig that points at the pod's veth peer address on
+the host (KUBERNETES_SERVICE_HOST), which is how the pod reaches the API server.
 """
 from __future__ import annotations
 
@@ -67,6 +71,22 @@ def engine_command(model_dir: str, fallback: CommandFor = standin_command) -> Co
     return command_for
 
 
+def with_router(command_for: CommandFor, kubeconfig: Path, out_dir: Path) -> CommandFor:
+    """Router pods run the real router; the rest as `command_for` says."""
+    text = Path(kubeconfig).read_text()
+
+    def wrapped(pod: dict, container: dict, env: dict[str, str]):
+        if (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component") != "router":
+            return command_for(pod, container, env)
+        m = pod["metadata"]
+        path = Path(out_dir) / f"{m['namespace']}_{m['name']}.kubeconfig"
+        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+        if host and port:
+            path.write_text(text.replace(f"https://127.0.0.1:{port}", f"https://{host}:{port}"))
+        return [sys.executable, "-m", "pensieve.router"], dict(env, PENSIEVE_ROUTER_KUBECONFIG=str(path))
+    return wrapped
+
+
 @dataclass
 class PodRun:
     uid: str
@@ -83,6 +103,7 @@ class PodRun:
     restarts: int = 0
     terminating: bool = False
     log: Any = None
+    host_ip: str = ""
 
 
 class Net:
@@ -232,7 +253,7 @@ class StandInKubelet:
         if isinstance(port, str):
             port = next((p["containerPort"] for p in container.get("ports") or [] if p.get("name") == port), None)
         run = PodRun(meta["uid"], meta["namespace"], meta["name"], spec["nodeName"], ip, ns, proc, port,
-                     http.get("path") if http else None, log=log)
+                     http.get("path") if http else None, log=log, host_ip=host_ip)
         self.pods[run.uid] = run
         self._report(pod, run)
 
@@ -240,7 +261,10 @@ class StandInKubelet:
         if run.proc is not None and run.proc.poll() is not None and not run.terminating:
             run.restarts += 1  # crashed: restart it, as restartPolicy Always does
             container = pod["spec"]["containers"][0]
-            argv, env = self.command_for(pod, container, self._resolve_env(pod, container))
+            env = self._resolve_env(pod, container)
+            if self.api_server_port:
+                env["KUBERNETES_SERVICE_HOST"] = run.host_ip
+            argv, env = self.command_for(pod, container, env)
             run.proc = subprocess.Popen(["ip", "netns", "exec", run.netns, *argv], env=env, stdout=run.log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
             run.ready = False

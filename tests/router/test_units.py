@@ -1,12 +1,11 @@
-"""No torch in the router; EndpointSlice event handling from recorded events; pod-deletion cost; CLI/env."""
+"""No torch in the router; EndpointSlice event handling from recorded events; CLI/env.
+(Pod-deletion cost is the operator's: tests/operator/test_deletion_cost.py.)"""
 from __future__ import annotations
 
 import subprocess
 import sys
 
 from pensieve.router.config import parse_args
-from pensieve.router.deletion_cost import (ANNOTATION, deletion_cost_patches, parse_sessions_active,
-                                            pod_deletion_costs)
 from pensieve.router.endpoints import EndpointSet
 from pensieve.router.kube import SliceState
 
@@ -68,18 +67,6 @@ def test_endpoint_set_keeps_counts_of_endpoints_that_leave():
     assert es.ready_addresses() == []
     es.reinstate("b:1")
     assert es.ready_addresses() == ["b:1"]
-
-
-def test_pod_deletion_costs():
-    text = ("# HELP pensieve_sessions_active Live sessions\n# TYPE pensieve_sessions_active gauge\n"
-            "pensieve_sessions_active 7.0\npensieve_sessions_active_created 1.7e9\n")
-    assert parse_sessions_active(text) == 7.0
-    assert parse_sessions_active("other_metric 3\n") is None
-    costs = pod_deletion_costs({"10.0.0.1": 7.0, "10.0.0.2": 0.0, "10.0.0.3": None, "10.0.0.4": 1e12})
-    assert costs == {"10.0.0.1": "7", "10.0.0.2": "0", "10.0.0.4": str(2**31 - 1)}
-    patches = deletion_cost_patches({"pod-a": "10.0.0.1", "pod-b": "10.0.0.2", "pod-c": "10.0.0.3"},
-                                    {"10.0.0.1": 7.0, "10.0.0.2": 0.0, "10.0.0.3": None}, current={"pod-b": "0"})
-    assert patches == {"pod-a": {"metadata": {"annotations": {ANNOTATION: "7"}}}}
 
 
 def test_cli_reads_the_operator_env(monkeypatch):

@@ -11,6 +11,7 @@ from typing import Any
 import kopf
 
 from . import GROUP, KIND, PLURAL, VERSION
+from .deletion_cost import sync_deletion_costs
 from .kube import ApiError, Kube, NotFound
 from .reconcile import PDEPS, Outcome, reconcile
 from .render import MANAGED_BY
@@ -20,6 +21,7 @@ from .status import conditions_equal, get_condition
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 # Timers are registered at import time, so their interval is read from the environment here.
 RESYNC_SECONDS = float(os.environ.get("PENSIEVE_OPERATOR_RESYNC_SECONDS", "60"))
+DELETION_COST_SECONDS = float(os.environ.get("PENSIEVE_OPERATOR_DELETION_COST_SECONDS", "15"))
 
 
 @dataclasses.dataclass
@@ -153,6 +155,23 @@ async def pensieve_deployment_resync(namespace: str, name: str, logger: Any, **_
         await _reconcile_key(namespace, name, logger)
     except ApiError as e:
         logger.warning("resync failed: %s", e)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, id="pod-deletion-cost", interval=DELETION_COST_SECONDS,
+            initial_delay=DELETION_COST_SECONDS, idle=None)
+async def engine_pod_deletion_cost(namespace: str, name: str, logger: Any, **_: Any) -> None:
+    """Engine pods' controller.kubernetes.io/pod-deletion-cost := their live sessions."""
+    if "kube" not in _runtime:
+        return
+    s: Settings = _runtime["settings"]
+    try:
+        patched = await asyncio.to_thread(sync_deletion_costs, _runtime["kube"], namespace, name,
+                                          s.deletion_cost_timeout_seconds)
+    except ApiError as e:
+        logger.warning("pod-deletion-cost refresh failed: %s", e)
+        return
+    if patched:
+        logger.debug("pod-deletion-cost: %s", {k: v["metadata"]["annotations"] for k, v in patched.items()})
 
 
 def _owner_name(body: Any) -> str | None:

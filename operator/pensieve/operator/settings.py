@@ -23,6 +23,10 @@ class Settings:
     router_image: str = "ghcr.io/pensieve-ai/pensieve-router:0.1.0"
     # Seconds between periodic level-based resyncs of every PensieveDeployment.
     resync_seconds: float = 60.0
+    # Seconds between refreshes of the engine pods' controller.kubernetes.io/pod-deletion-cost
+    # from their live sessions (pensieve_sessions_active), and the scrape timeout per pod.
+    deletion_cost_seconds: float = 15.0
+    deletion_cost_timeout_seconds: float = 2.0
     # Memory each node keeps for the system and other pods (bytes), on top of
     # what the node's allocatable already excludes, as a fraction of allocatable.
     node_memory_reserve_fraction: float = 0.05
@@ -71,6 +75,8 @@ class Settings:
             raise ValueError(f"{PREFIX}NODE_MEMORY_RESERVE_FRACTION must be in [0, 0.9)")
         if self.resync_seconds <= 0:
             raise ValueError(f"{PREFIX}RESYNC_SECONDS must be > 0")
+        if self.deletion_cost_seconds <= 0 or self.deletion_cost_timeout_seconds <= 0:
+            raise ValueError(f"{PREFIX}DELETION_COST_SECONDS and _TIMEOUT_SECONDS must be > 0")
 
 
 def _quantity_or_int(raw: str) -> int:

@@ -5,8 +5,10 @@ first. Keeping each engine pod's cost equal to its number of live sessions
 (``pensieve_sessions_active`` on its /metrics) makes scale-down remove the emptiest
 pods, so the fewest conversations lose their cache.
 
-Plain functions, no I/O beyond ``scrape_sessions_active`` (stdlib urllib, threads):
-the operator calls them from a kopf timer, which runs sync handlers in a thread.
+Plain functions (stdlib only: the operator never imports torch, and the router lives in
+the engine distribution). ``scrape_sessions_active`` does HTTP (urllib, threads);
+``sync_deletion_costs`` lists and patches pods through a ``Kube``; the kopf timer in
+handlers.py runs it in a thread.
 """
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ import math
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+from .discovery import ApiRef
+from .render import ENGINE_PORT_NAME, POD_DELETION_COST, pod_deletion_cost_patch, selector_string
+
+ANNOTATION = POD_DELETION_COST
+PODS = ApiRef("", "v1", "pods", "Pod")
 METRIC = "pensieve_sessions_active"
 INT32_MAX = 2**31 - 1
 _SAMPLE = re.compile(r"^" + METRIC + r"(?:\{[^}]*\})?\s+([^\s]+)")
@@ -83,5 +89,58 @@ def deletion_cost_patches(pods: Mapping[str, str], sessions_active: Mapping[str,
     writes that change nothing)."""
     costs = pod_deletion_costs({name: sessions_active.get(ip) for name, ip in pods.items()})
     current = current or {}
-    return {name: {"metadata": {"annotations": {ANNOTATION: v}}}
-            for name, v in costs.items() if current.get(name) != v}
+    return {name: pod_deletion_cost_patch(int(v)) for name, v in costs.items() if current.get(name) != v}
+
+
+def _is_ready(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return (not pod.get("metadata", {}).get("deletionTimestamp") and bool(status.get("podIP"))
+            and any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []))
+
+
+def engine_port(pod: Mapping[str, Any], default: int = 8000) -> int:
+    """The engine container's port named ``http`` (the first port, else ``default``)."""
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        ports = c.get("ports") or []
+        for p in ports:
+            if p.get("name") == ENGINE_PORT_NAME:
+                return int(p["containerPort"])
+        if ports:
+            return int(ports[0]["containerPort"])
+    return default
+
+
+def ready_engine_pods(pods: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, int, str | None]]:
+    """Pod name -> (pod IP, engine port, current annotation) for the ready, not terminating pods."""
+    out = {}
+    for p in pods:
+        if _is_ready(p):
+            m = p["metadata"]
+            out[m["name"]] = (p["status"]["podIP"], engine_port(p), (m.get("annotations") or {}).get(ANNOTATION))
+    return out
+
+
+def sync_deletion_costs(kube: Any, namespace: str, name: str, timeout: float = 2.0,
+                        scrape=scrape_sessions_active) -> dict[str, dict]:
+    """One round for a PensieveDeployment: list its engine pods, scrape the ready ones'
+    /metrics, patch the annotation where it changed. Returns the patches applied; a pod
+    that vanished meanwhile is skipped."""
+    from .kube import NotFound  # the kubernetes client: only where the API is used
+
+    pods = ready_engine_pods(kube.list(PODS, namespace, label_selector=selector_string(name)))
+    by_port: dict[int, list[str]] = {}
+    for ip, port, _ in pods.values():
+        by_port.setdefault(port, []).append(ip)
+    sessions: dict[str, float | None] = {}
+    for port, ips in by_port.items():
+        sessions.update({f"{ip}:{port}": v for ip, v in scrape(ips, port=port, timeout=timeout).items()})
+    patches = deletion_cost_patches({n: f"{ip}:{port}" for n, (ip, port, _) in pods.items()}, sessions,
+                                    {n: cur for n, (_, _, cur) in pods.items()})
+    applied = {}
+    for pod_name, patch in patches.items():
+        try:
+            kube.merge_patch(PODS, namespace, pod_name, patch)
+            applied[pod_name] = patch
+        except NotFound:
+            pass
+    return applied
