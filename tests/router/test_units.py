@@ -84,3 +84,45 @@ def test_cli_reads_the_operator_env(monkeypatch):
     assert cfg.load_factor == 1.5
     cfg = parse_args(["--kubernetes-service", "x"])
     assert cfg.service == "x"
+
+
+def test_static_probe_tolerates_slow_answers_but_not_refusals():
+    import asyncio
+
+    from aiohttp import web
+
+    from pensieve.router.endpoints import EndpointSet
+    from pensieve.router.static import StaticDiscovery
+
+    async def scenario():
+        delay = {"s": 0.0}
+
+        async def ready(request):
+            await asyncio.sleep(delay["s"])
+            return web.json_response({"ready": True})
+
+        app = web.Application()
+        app.router.add_get("/ready", ready)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        live, dead = f"127.0.0.1:{port}", "127.0.0.1:1"
+        eps = EndpointSet()
+        disc = StaticDiscovery(eps, [live, dead], interval=0.0, timeout=0.2, timeout_threshold=3)
+        disc.session = __import__("aiohttp").ClientSession(timeout=__import__("aiohttp").ClientTimeout(total=0.2))
+        try:
+            verdicts = []
+            await disc.probe_all()
+            verdicts.append((await disc.probe(live), await disc.probe(dead)))
+            delay["s"] = 0.5  # now the live engine answers too slowly
+            verdicts += [await disc.probe(live) for _ in range(3)]
+            delay["s"] = 0.0
+            verdicts.append(await disc.probe(live))
+            return verdicts
+        finally:
+            await disc.session.close()
+            await runner.cleanup()
+
+    assert asyncio.run(scenario()) == [(True, False), True, True, False, True]
