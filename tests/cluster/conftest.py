@@ -34,6 +34,7 @@ os.environ.setdefault("PENSIEVE_OPERATOR_ROUTER_IMAGE", "pensieve-router:test")
 from pensieve.operator.kube import raw_request  # noqa: E402
 from k8s_controlplane import ControlPlane, ensure_binaries  # noqa: E402
 from standin_kubelet import Net, StandInKubelet, engine_command, standin_command, with_router  # noqa: E402
+from waiting import wait_for  # noqa: F401  (re-exported: the cluster tests import it from here)
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 FAKE_NODES = [
@@ -242,15 +243,3 @@ def namespace(api, request):
         print(f"[cluster] cleanup of {name}: {e}", file=sys.stderr)
 
 
-def wait_for(fn, timeout: float, what: str, interval: float = 0.25):
-    end = time.time() + timeout
-    last = None
-    while time.time() < end:
-        try:
-            last = fn()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

@@ -5,11 +5,12 @@ PENSIEVE_E2E_KEEP=1 keeps the cluster afterwards; PENSIEVE_E2E_MODEL_ID picks th
 """
 from __future__ import annotations
 
+from waiting import wait_for as _wait_for
+
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,14 +70,4 @@ def kubectl(ctx: str, *args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def wait_for(fn, timeout: float, what: str, interval: float = 2.0):
-    end = time.time() + timeout
-    last = None
-    while time.time() < end:
-        try:
-            last = fn()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    return _wait_for(fn, timeout, what, interval)

@@ -5,6 +5,8 @@ engine Service's EndpointSlices itself and watches the router's view follow them
 appear, turn ready, drain (ready false), disappear."""
 from __future__ import annotations
 
+from waiting import wait_for as _wait_for
+
 import json
 import os
 import shutil
@@ -46,17 +48,7 @@ def metric(url: str, name: str) -> float | None:
 
 
 def wait_for(fn, timeout, what):
-    end = time.time() + timeout
-    last = None
-    while time.time() < end:
-        try:
-            last = fn()
-            if last:
-                return last
-        except Exception as e:  # noqa: BLE001
-            last = e
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return _wait_for(fn, timeout, what, interval=0.2)
 
 
 def test_router_follows_endpointslices(api_server, tmp_path):
