@@ -175,13 +175,14 @@ def test_fifty_sessions_affinity_cache_and_engine_loss(cluster):
             after = [t for t in ok if t["start"] > kill + 0.05]
             for t in after:
                 assert t["endpoint"] != victim, (s.sid, s.turns)
-            if home[s.sid] == victim and after:
-                moved += 1
-                # Re-homed: from the turn after its first on the new engine, cache hits again.
+            if home[s.sid] == victim:
+                # May move (a turn in flight at the kill is retried elsewhere too); once
+                # re-homed, cache hits again from the turn after its first on the new engine.
+                moved += bool(after)
                 for prev, t in zip(after, after[1:]):
                     if prev["endpoint"] == t["endpoint"]:
                         assert t["cached"] > 0, (s.sid, s.turns)
-            else:
+            else:  # sessions whose engine survived never move
                 assert all(t["endpoint"] == home[s.sid] for t in ok), (s.sid, s.turns)
         assert moved > 0
         print(f"phase 1 (50 x 3 turns) {phase1:.1f}s; {len(errors)} request(s) failed at the kill; {moved} sessions "
