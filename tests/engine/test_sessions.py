@@ -131,3 +131,18 @@ def test_idle_sessions_expire(make_engine):
     assert "old" not in engine.cache.sessions and "busy" in engine.cache.sessions
     engine.abort(engine.get_session("busy").active_request)
     assert make_engine("llama", session_idle_timeout=0).expire_idle_sessions() == []
+
+
+def test_session_reads_are_scoped_to_their_owner(make_engine):
+    from pensieve.engine import UnknownSessionError
+
+    engine = make_engine("llama")
+    engine.add_request([1, 2, 3], PARAMS, session_id="mine", owner="key-a")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.get_session("mine", "key-a").owner == "key-a"
+    for call in (lambda: engine.get_session("mine", "key-b"), lambda: engine.delete_session("mine", None)):
+        with pytest.raises(UnknownSessionError):
+            call()
+    engine.delete_session("mine", "key-a")
+    assert "mine" not in engine.cache.sessions

@@ -72,16 +72,21 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
             r.close()  # drop the connection mid-stream
 
     asyncio.run(run())
+    s = _wait_aborted(server, aborted_before)
+    assert s["request_blocks"] == 0
+    assert s["gpu_blocks_used"] == base["gpu_blocks_used"]
+    assert s["generation_tokens"] - gen_before < max_tokens  # it stopped early, it did not run to the end
+
+
+def _wait_aborted(server, aborted_before: int) -> dict:
+    """The server's state once the request is gone and counted as aborted."""
     deadline = time.monotonic() + 20
     while True:
         s = server.state()
         if s["num_unfinished"] == 0 and s["requests_finished"].get("abort", 0) > aborted_before:
-            break
+            return s
         assert time.monotonic() < deadline, f"request not aborted: {s}"
         time.sleep(0.05)
-    assert s["request_blocks"] == 0
-    assert s["gpu_blocks_used"] == base["gpu_blocks_used"]
-    assert s["generation_tokens"] - gen_before < max_tokens  # it stopped early, it did not run to the end
 
 
 def test_disconnect_while_waiting_non_streamed(server):
@@ -99,11 +104,5 @@ def test_disconnect_while_waiting_non_streamed(server):
             raise AssertionError("900 tokens finished within 0.3 s")
 
     asyncio.run(run())
-    deadline = time.monotonic() + 20
-    while True:
-        s = server.state()
-        if s["num_unfinished"] == 0 and s["requests_finished"].get("abort", 0) > aborted_before:
-            break
-        assert time.monotonic() < deadline, f"request not aborted: {s}"
-        time.sleep(0.05)
+    s = _wait_aborted(server, aborted_before)
     assert s["gpu_blocks_used"] == base["gpu_blocks_used"]

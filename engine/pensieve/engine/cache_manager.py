@@ -135,10 +135,6 @@ class CacheManager:
         s.chunks, s.token_ids = [], []
         del self.sessions[session_id]
 
-    @property
-    def num_cached_session_tokens(self) -> int:
-        return sum(s.num_cached for s in self.sessions.values())
-
     # ------------------------------------------------------------- admission and hand-over
     def plan_attach(self, req: Request) -> tuple[int, int, int]:
         """What admitting ``req`` would reuse: (matched tokens, leading tokens to
@@ -371,8 +367,10 @@ class CacheManager:
         """Copy idle GPU chunks to the CPU ahead of need while free GPU blocks are scarce."""
         if not self.tiered or self.cpu.num_blocks == 0:
             return
-        copied = sum(1 for s in self.sessions.values() for c in s.chunks if c.gpu is not None and c.cpu is not None)
         target = self.swap_out_below * self.gpu.num_blocks
+        if self.gpu.num_free >= target:  # the common case: no pressure, no scan of the sessions
+            return
+        copied = sum(1 for s in self.sessions.values() for c in s.chunks if c.gpu is not None and c.cpu is not None)
         budget = max(1, self.gpu.num_blocks // 16)  # bound one step's extra PCIe traffic
         if self.gpu.num_free + copied >= target:
             return

@@ -25,13 +25,15 @@ from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
 from .config import EngineConfig, parse_bytes
 from .cost_model import CostModel, load_or_profile, profile_cache_path
 from .detokenizer import IncrementalDetokenizer
-from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError
+from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError, UnknownSessionError
 from .request import Request, RequestOutput, RequestStatus, Session
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger("pensieve.engine")
+
+ANY_OWNER = object()  # get_session/delete_session without an ownership check (in-process callers)
 
 
 @dataclass
@@ -173,8 +175,8 @@ class LLMEngine:
                 outputs[out.request_id].extend(out.new_token_ids)
         return [outputs[i] for i in ids]
 
-    def delete_session(self, session_id: str) -> None:
-        s = self.cache.get_session(session_id)
+    def delete_session(self, session_id: str, owner: str | None | object = ANY_OWNER) -> None:
+        s = self.get_session(session_id, owner)
         if s.active_request is not None:
             self.abort(s.active_request)
         self.cache.delete_session(session_id)
@@ -202,8 +204,13 @@ class LLMEngine:
             torch.cuda.synchronize(self.device)
         return moved
 
-    def get_session(self, session_id: str) -> Session:
-        return self.cache.get_session(session_id)
+    def get_session(self, session_id: str, owner: str | None | object = ANY_OWNER) -> Session:
+        """The session, if it exists and (when ``owner`` is given) belongs to that API key;
+        another key's session is reported unknown, so its existence does not leak."""
+        s = self.cache.get_session(session_id)
+        if owner is not ANY_OWNER and s.owner != owner:
+            raise UnknownSessionError(session_id)
+        return s
 
     # ---------------------------------------------------------------- internals
     def _cost_model(self, num_gpu_blocks: int) -> CostModel:

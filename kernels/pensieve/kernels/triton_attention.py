@@ -38,7 +38,6 @@ Offsets into the caches and the query are computed in int64.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 

@@ -38,7 +38,7 @@ import uuid
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..errors import InvalidRequestError, UnknownSessionError
+from ..errors import InvalidRequestError
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .protocol import (APIError, GenerationRequest, bad, check_session_id, from_engine_error, parse_chat,
@@ -205,9 +205,7 @@ class PensieveServer:
         owner = request["owner"]
 
         def read(engine):
-            s = engine.get_session(sid)
-            if s.owner != owner:
-                raise UnknownSessionError(sid)
+            s = engine.get_session(sid, owner)
             return {"id": s.session_id, "object": "session", "num_turns": s.num_turns, "cached_tokens": s.num_cached,
                     "cached_blocks": len(s.block_ids), "active": s.active_request is not None,
                     "idle_seconds": round(max(0.0, time.monotonic() - s.last_active), 3)}
@@ -224,14 +222,8 @@ class PensieveServer:
         sid = self._path_session(request)
         owner = request["owner"]
 
-        def delete(engine):
-            s = engine.get_session(sid)
-            if s.owner != owner:
-                raise UnknownSessionError(sid)
-            engine.delete_session(sid)
-
         try:
-            await self.worker.call(delete)
+            await self.worker.call(lambda engine: engine.delete_session(sid, owner))
         except Exception as e:
             raise from_engine_error(e, sid) from None
         hist = self.histories.get(sid)
