@@ -3,13 +3,26 @@
 #   correctness (kernels suite, engine bf16 parity/batching/tiers), then figures
 #   (kernel benchmark, engine throughput, swap-in overlap). Results under $OUT.
 # Run from the repository root on the device machine: bash bench/gpu_session.sh
+# Each step has its own time limit so that one slow step cannot eat the call.
 set -uo pipefail
 OUT="${OUT:-/tmp/pensieve-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/engine:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-python3 bench/kernels.py --out "$OUT/kernels_h100.json" 2>&1 | tee "$OUT/kernels.log" | tail -30
-python3 bench/engine_throughput.py --shape llama3-8b --requests 256 --prompt-len 512 --output-len 128 \
-    --out "$OUT/engine_throughput.json" 2>&1 | tail -20
-python3 bench/swap_overlap.py --shape llama3-8b --history 4096 --new 200 --out "$OUT/swap_overlap.json" 2>&1 | tail -20
+unset TRITON_INTERPRET
+step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
+    local name=$1 limit=$2; shift 2
+    local t0=$(date +%s)
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc, $(( $(date +%s) - t0 ))s"
+    grep -v '^\s*File \|^    ' "$OUT/$name.log" | tail -n "${TAIL:-25}"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step kernel_tests "${KT_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
+step engine_gpu_tests "${ET_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py
+step kernels_bench "${KB_LIMIT:-150}" python3 bench/kernels.py --out "$OUT/kernels_h100.json"
+step engine_throughput "${TP_LIMIT:-90}" python3 bench/engine_throughput.py --shape llama3-8b --requests 256 \
+    --prompt-len 512 --output-len 128 --out "$OUT/engine_throughput.json"
+step swap_overlap "${SO_LIMIT:-90}" python3 bench/swap_overlap.py --shape llama3-8b --history 4096 --new 200 \
+    --cpu-cache-bytes 8Gi --out "$OUT/swap_overlap.json"
