@@ -19,10 +19,10 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, pr
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-step kernel_tests "${KT_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
-step engine_gpu_tests "${ET_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py
-step kernels_bench "${KB_LIMIT:-150}" python3 bench/kernels.py --out "$OUT/kernels_h100.json"
-step engine_throughput "${TP_LIMIT:-90}" python3 bench/engine_throughput.py --shape llama3-8b --requests 256 \
+step kernel_tests "${KT_LIMIT:-170}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
+step engine_gpu_tests "${ET_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py
+step kernels_bench "${KB_LIMIT:-130}" python3 bench/kernels.py --out "$OUT/kernels_h100.json"
+step engine_throughput "${TP_LIMIT:-80}" python3 bench/engine_throughput.py --shape llama3-8b --requests 256 \
     --prompt-len 512 --output-len 128 --out "$OUT/engine_throughput.json"
-step swap_overlap "${SO_LIMIT:-90}" python3 bench/swap_overlap.py --shape llama3-8b --history 4096 --new 200 \
+step swap_overlap "${SO_LIMIT:-80}" python3 bench/swap_overlap.py --shape llama3-8b --history 4096 --new 200 \
     --cpu-cache-bytes 8Gi --out "$OUT/swap_overlap.json"
