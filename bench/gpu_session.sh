@@ -9,8 +9,11 @@ OUT="${OUT:-/tmp/pensieve-out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/engine:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+# STEPS (space-separated names below) picks a subset: STEPS="kernel_tests kernels_bench" bash bench/gpu_session.sh
+STEPS="${STEPS:-kernel_tests engine_gpu_tests kernels_bench engine_throughput swap_overlap tier_invariant}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     local t0=$(date +%s)
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
@@ -26,3 +29,4 @@ step engine_throughput "${TP_LIMIT:-80}" python3 bench/engine_throughput.py --sh
     --prompt-len 512 --output-len 128 --out "$OUT/engine_throughput.json"
 step swap_overlap "${SO_LIMIT:-80}" python3 bench/swap_overlap.py --shape llama3-8b --history 4096 --new 200 \
     --cpu-cache-bytes 8Gi --out "$OUT/swap_overlap.json"
+step tier_invariant "${TI_LIMIT:-90}" python3 bench/tier_invariant.py --shape llama3-8b --out "$OUT/tier_invariant.json"

@@ -38,13 +38,51 @@ def _sync(engine):
         torch.cuda.synchronize(engine.device)
 
 
+def link_bandwidth(engine, blocks: int) -> dict:
+    """GB/s of one turn's swap-in without compute: one big DMA (the link's ceiling),
+    the per-layer kernel and per-run DMA over randomly placed blocks."""
+    import torch
+
+    if engine.device.type != "cuda":
+        return {}
+    runner = engine.runner
+    nbytes = blocks * runner.bytes_per_block
+    host = torch.empty(nbytes // 2, dtype=torch.bfloat16, pin_memory=True)
+    dev = torch.empty_like(host, device=engine.device)
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return nbytes / (time.perf_counter() - t0) / 1e9
+
+    gen = torch.Generator().manual_seed(0)
+    cpu_ids = torch.randperm(engine.cache.cpu.num_blocks, generator=gen)[:blocks].tolist()
+    gpu_ids = torch.randperm(engine.cache.gpu.num_blocks, generator=gen)[:blocks].tolist()
+    from pensieve.engine.cache_manager import SwapPlan
+
+    def swap_in(impl):
+        def run():
+            swapper = runner.swapper
+            swapper.impl = impl
+            swapper.begin(SwapPlan(swap_in=list(zip(cpu_ids, gpu_ids))))
+            swapper.finish_without_compute()
+        return run
+
+    return dict(one_dma_GBps=timed(lambda: dev.copy_(host, non_blocking=True)),
+                kernel_GBps=timed(swap_in("kernel")), dma_runs_GBps=timed(swap_in("dma")))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--history", type=int, default=4096)
     ap.add_argument("--new", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--cpu-cache-bytes", default="64Gi")
+    ap.add_argument("--cpu-cache-bytes", default="8Gi")
+    ap.add_argument("--swap-impls", default="kernel,dma", help="CPU-tier copy implementations to time")
     ap.add_argument("--workdir", default="/tmp/pensieve-bench")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -57,14 +95,17 @@ def main() -> int:
                                     max_num_batched_tokens=max(8192, args.history + args.new + 64)))
     rng = random.Random(0)
     vocab = engine.model_config["vocab_size"]
-    times = {"gpu": [], "cpu": [], "recompute": []}
+    impls = args.swap_impls.split(",")
+    places = ["gpu"] + [f"cpu:{i}" for i in impls] + ["recompute"]
+    times = {p: [] for p in places}
     for r in range(args.repeats + 1):
         history = [rng.randrange(vocab) for _ in range(args.history)]
         turn = history + [rng.randrange(vocab) for _ in range(args.new)]
-        for where in ("gpu", "cpu", "recompute"):
+        for where in places:
             sid = f"{where}-{r}"
             ttft(engine, history, sid)  # first turn fills the cache
-            if where == "cpu":
+            if where.startswith("cpu"):
+                engine.runner.swapper.impl = where.split(":")[1]
                 engine.offload_session(sid)
                 assert not engine.get_session(sid).block_ids
             if where == "recompute":
@@ -76,9 +117,13 @@ def main() -> int:
             if sid:
                 engine.delete_session(sid)
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = min(impls, key=lambda i: med[f"cpu:{i}"])
     result = dict(shape=args.shape, device=str(engine.device), history=args.history, new=args.new,
-                  ttft_seconds=med, cpu_over_gpu=med["cpu"] / med["gpu"], cpu_over_recompute=med["cpu"] / med["recompute"],
+                  repeats=args.repeats, ttft_seconds=med, best_swap_impl=best,
+                  cpu_over_gpu={i: med[f"cpu:{i}"] / med["gpu"] for i in impls},
+                  cpu_over_recompute={i: med[f"cpu:{i}"] / med["recompute"] for i in impls},
                   swap_in_bytes_per_turn=args.history // engine.config.block_size * engine.runner.bytes_per_block,
+                  link=link_bandwidth(engine, args.history // engine.config.block_size),
                   targets=dict(cpu_over_gpu="<= 1.3", cpu_over_recompute="<= 0.5"))
     print(json.dumps(result, indent=2))
     if args.out:

@@ -64,7 +64,8 @@ def test_bf16_ragged_batch_equals_solo(make_engine):
     assert engine.generate(prompts, params) == solo
 
 
-def test_bf16_tiers_equal_stateless(make_engine):
+@pytest.mark.parametrize("swap_impl", ["kernel", "dma"])
+def test_bf16_tiers_equal_stateless(make_engine, swap_impl):
     """Swap-out, swap-in (copy stream, per-layer events) and recompute on the GPU keep tokens."""
     import sys
     from pathlib import Path
@@ -72,7 +73,9 @@ def test_bf16_tiers_equal_stateless(make_engine):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_tiers import run_interleaved
 
-    engine = _gpu_engine(make_engine, "llama", num_gpu_blocks=16, num_cpu_blocks=6, max_num_batched_tokens=48)
+    engine = _gpu_engine(make_engine, "llama", num_gpu_blocks=16, num_cpu_blocks=6, max_num_batched_tokens=48,
+                         swap_impl=swap_impl)
+    assert engine.runner.cpu_buffer.pinned
     oracle = _gpu_engine(make_engine, "llama", cache_mode="none", num_gpu_blocks=256)
     assert run_interleaved(engine, oracle, seed=7, n_sessions=6, n_turns=4) == 24
     assert engine.cache.stats.context_tokens["cpu"] > 0 and engine.cache.stats.context_tokens["recomputed"] > 0

@@ -15,6 +15,7 @@ from pensieve.kernels import (
     gather_blocks_ref,
     scatter_blocks,
     scatter_blocks_ref,
+    swap_blocks,
     write_kv,
     write_kv_ref,
 )
@@ -111,3 +112,52 @@ def test_gather_scatter_large_gpu():
     back = torch.zeros_like(cache)
     scatter_blocks(pinned.to(dev, non_blocking=True), back, ids)
     assert torch.equal(back[ids], cache[ids])
+
+
+def test_swap_blocks_without_pinned_memory_uses_reference(device):
+    # a CPU tier that is not pinned (or no GPU at all) copies through the reference
+    src = torch.randn(6, 16, 2, 8)
+    dst = torch.full((4, 16, 2, 8), float("nan"), device=device)
+    swap_blocks(src, dst, torch.tensor([5, 0, 2]), torch.tensor([1, 3, 0]))
+    ref = torch.full((4, 16, 2, 8), float("nan"))
+    copy_blocks_ref(src, ref, torch.tensor([5, 0, 2]), torch.tensor([1, 3, 0]))
+    assert _eq(dst.cpu(), ref)
+    with pytest.raises(ValueError):
+        swap_blocks(src, dst, torch.tensor([5, 0]), torch.tensor([1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("register", [False, True], ids=["pin_memory", "host_register"])
+def test_swap_blocks_pinned_host_gpu(register):
+    """One launch each way between pinned host memory and the GPU, exact, NaN-poisoned."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    shape = (300, 32, 8, 128)
+    if register:  # the engine's CPU tier: plain memory, page-locked in place
+        host = torch.randn(shape, generator=g).to(torch.bfloat16)
+        assert int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * 2, 0)) == 0
+    else:
+        host = torch.randn(shape, generator=g).to(torch.bfloat16).pin_memory()
+    assert host.is_pinned()
+    gpu = torch.full((500,) + shape[1:], float("nan"), device=dev, dtype=torch.bfloat16)
+    src_ids = torch.randperm(300, generator=g)[:257]
+    dst_ids = torch.randperm(500, generator=g)[:257]
+    swap_blocks(host, gpu, src_ids.to(dev), dst_ids.to(dev))
+    expect = torch.full_like(gpu, float("nan")).cpu()
+    copy_blocks_ref(host, expect, src_ids, dst_ids)
+    torch.cuda.synchronize()
+    assert _eq(gpu.cpu(), expect)
+    back = torch.full_like(host, float("nan"))
+    if register:
+        assert int(torch.cuda.cudart().cudaHostRegister(back.data_ptr(), back.numel() * 2, 0)) == 0
+    else:
+        back = back.pin_memory()
+    swap_blocks(gpu, back, dst_ids.to(dev), src_ids.to(dev))
+    torch.cuda.synchronize()
+    expect_back = torch.full_like(host, float("nan"))
+    copy_blocks_ref(expect, expect_back, dst_ids, src_ids)
+    assert _eq(back, expect_back)
+    if register:
+        for t in (host, back):
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())

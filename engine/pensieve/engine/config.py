@@ -49,6 +49,9 @@ class EngineConfig:
     num_gpu_blocks: int | None = opt(None, "override the GPU-tier sizing (tests and benchmarks force memory pressure with it)")
     num_cpu_blocks: int | None = opt(None, "override the CPU-tier sizing")
     attention_impl: str = opt("auto", "auto: Triton kernels on CUDA, torch reference elsewhere", ("auto", "triton", "ref"))
+    swap_impl: str = opt("auto", "CPU<->GPU block copies on CUDA: kernel (one launch per layer, the GPU reads and "
+                                 "writes pinned host memory directly), dma (one copy per run of adjacent blocks); "
+                                 "auto: kernel", ("auto", "kernel", "dma"))
     session_idle_timeout: float = opt(3600.0, "seconds after which an idle session (its cache and history) is "
                                               "forgotten; 0 keeps sessions until they are deleted")
 

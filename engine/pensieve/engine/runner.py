@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from pensieve.kernels import prepare_paged_attention
+from pensieve.kernels import prepare_paged_attention, swap_blocks
 
 from .checkpoint import load_model
 from .config import EngineConfig
@@ -92,12 +92,18 @@ class ModelRunner:
                            torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
 
     def allocate_cpu_cache(self, num_blocks: int) -> None:
-        """The CPU tier: same layout as the GPU cache, pinned when a GPU is attached."""
+        """The CPU tier: same layout as the GPU cache, pinned when a GPU is attached.
+
+        One host allocation for all layers, pinned in place (cudaHostRegister):
+        the pinned-memory allocator would round each request up to a power of
+        two and so could pin up to twice the configured CPU-tier bytes."""
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        pin = self.device.type == "cuda"
-        self.cpu_caches = [(torch.empty(shape, dtype=self.dtype, pin_memory=pin),
-                            torch.empty(shape, dtype=self.dtype, pin_memory=pin)) for _ in range(self.num_layers)]
-        self.swapper = Swapper(self.kv_caches, self.cpu_caches, self.device)
+        per_tensor = num_blocks * self.block_size * self.num_kv_heads * self.head_dim
+        self.cpu_buffer = HostBuffer(2 * self.num_layers * per_tensor, self.dtype, pin=self.device.type == "cuda")
+        flat = self.cpu_buffer.tensor
+        views = [flat[i * per_tensor:(i + 1) * per_tensor].view(shape) for i in range(2 * self.num_layers)]
+        self.cpu_caches = [(views[2 * i], views[2 * i + 1]) for i in range(self.num_layers)]
+        self.swapper = Swapper(self.kv_caches, self.cpu_caches, self.device, self.config.swap_impl)
 
     @torch.inference_mode()
     def time_chunk(self, position: int, repeats: int = 3) -> float:
@@ -193,6 +199,30 @@ class ModelRunner:
         return self.model.compute_logits(hidden).float()
 
 
+class HostBuffer:
+    """A flat host tensor, page-locked in place when ``pin`` (exactly its size).
+    Owns the registration: unregistered before the memory is freed."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, pin: bool):
+        self.tensor = torch.empty(numel, dtype=dtype)
+        self.pinned = False
+        if pin and numel:
+            nbytes = numel * self.tensor.element_size()
+            t0 = time.perf_counter()
+            rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            if int(rc) != 0:
+                raise RuntimeError(f"could not pin {nbytes / 2**30:.1f} GiB of host memory for the CPU tier "
+                                   f"(cudaHostRegister error {int(rc)}); lower --cpu-cache-bytes")
+            self.pinned = True
+            log.info("pinned %.1f GiB of host memory for the CPU tier in %.1f s", nbytes / 2**30,
+                     time.perf_counter() - t0)
+
+    def __del__(self):
+        if getattr(self, "pinned", False):
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+
+
 class Swapper:
     """Performs a step's block copies between the tiers, layer by layer.
 
@@ -203,18 +233,26 @@ class Swapper:
     event per layer and the next step's compute waits for the ahead-of-time
     copies (their GPU slots may be reused then); on CPU the same calls run
     synchronously, in the same order.
+
+    CUDA copy implementations (``swap_impl``): ``kernel`` moves all of a layer's
+    blocks in one launch per tensor, the GPU reading or writing the pinned CPU
+    tier directly; ``dma`` issues one async copy per run of adjacent block ids.
     """
 
-    def __init__(self, gpu_caches, cpu_caches, device: torch.device):
+    def __init__(self, gpu_caches, cpu_caches, device: torch.device, impl: str = "auto"):
         self.gpu, self.cpu = gpu_caches, cpu_caches
         self.cuda = device.type == "cuda"
+        self.device = device
+        self.impl = "kernel" if impl == "auto" else impl
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.events: list = []
         self.ahead_done = None
         self.plan: SwapPlan | None = None
+        self.ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin(self, plan: SwapPlan) -> None:
         self.plan = plan
+        self.ids = {name: self._id_tensors(getattr(plan, name)) for name in ("swap_out", "swap_in", "swap_out_ahead")}
         if not self.cuda:
             self.done_layers = -1
             return
@@ -225,8 +263,8 @@ class Swapper:
         self.events = []
         with torch.cuda.stream(self.stream):
             for layer in range(len(self.gpu)):
-                self._copy_layer(layer, plan.swap_out, to_cpu=True)
-                self._copy_layer(layer, plan.swap_in, to_cpu=False)
+                self._copy_layer(layer, "swap_out", to_cpu=True)
+                self._copy_layer(layer, "swap_in", to_cpu=False)
                 event = torch.cuda.Event()
                 event.record(self.stream)
                 self.events.append(event)
@@ -237,20 +275,19 @@ class Swapper:
             return
         while self.done_layers < layer:  # CPU: copy up to this layer now
             self.done_layers += 1
-            self._copy_layer(self.done_layers, self.plan.swap_out, to_cpu=True)
-            self._copy_layer(self.done_layers, self.plan.swap_in, to_cpu=False)
+            self._copy_layer(self.done_layers, "swap_out", to_cpu=True)
+            self._copy_layer(self.done_layers, "swap_in", to_cpu=False)
 
     def after_forward(self) -> None:
-        plan = self.plan
         if not self.cuda:
             self.wait_for_layer(len(self.gpu) - 1)
             for layer in range(len(self.gpu)):
-                self._copy_layer(layer, plan.swap_out_ahead, to_cpu=True)
+                self._copy_layer(layer, "swap_out_ahead", to_cpu=True)
             return
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for layer in range(len(self.gpu)):
-                self._copy_layer(layer, plan.swap_out_ahead, to_cpu=True)
+                self._copy_layer(layer, "swap_out_ahead", to_cpu=True)
             self.ahead_done = torch.cuda.Event()
             self.ahead_done.record(self.stream)
         # A swap-in's source CPU block is freed after this step; its next use is a
@@ -262,15 +299,38 @@ class Swapper:
                 torch.cuda.current_stream().wait_event(self.events[layer])
         self.after_forward()
 
-    def _copy_layer(self, layer: int, pairs: list[tuple[int, int]], to_cpu: bool) -> None:
+    def _id_tensors(self, pairs: list[tuple[int, int]]):
+        """(src ids, dst ids) of a list of pairs, on the device the copy kernel runs on."""
+        if not pairs:
+            return None
+        ids = torch.tensor(pairs, dtype=torch.int64).t().contiguous()
+        if self.cuda and self.impl == "kernel":
+            with torch.cuda.stream(self.stream):  # ordered before this stream's copies
+                ids = ids.pin_memory().to(self.device, non_blocking=True)
+        return ids[0], ids[1]
+
+    def _copy_layer(self, layer: int, kind: str, to_cpu: bool) -> None:
+        pairs = getattr(self.plan, kind)
         if not pairs:
             return
         src_caches, dst_caches = (self.gpu, self.cpu) if to_cpu else (self.cpu, self.gpu)
+        src_ids, dst_ids = self.ids[kind]
         for src, dst in zip(src_caches[layer], dst_caches[layer]):
-            if self.cuda:  # pinned <-> device, asynchronous on the copy stream
-                for s, d in pairs:
-                    dst[d].copy_(src[s], non_blocking=True)
-            else:
-                s_ids = torch.tensor([p[0] for p in pairs])
-                d_ids = torch.tensor([p[1] for p in pairs])
-                dst.index_copy_(0, d_ids, src.index_select(0, s_ids))
+            if not self.cuda:
+                dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
+            elif self.impl == "kernel":
+                swap_blocks(src, dst, src_ids, dst_ids, impl="triton")
+            else:  # pinned <-> device DMA, one per run of adjacent ids, on the copy stream
+                for s, d, n in _runs(pairs):
+                    dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Maximal runs (src start, dst start, length) where both ids step by one."""
+    runs: list[list[int]] = []
+    for s, d in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]

@@ -20,6 +20,7 @@ from .dispatch import (
     paged_attention,
     prepare_paged_attention,
     scatter_blocks,
+    swap_blocks,
     write_kv,
 )
 
@@ -35,4 +36,5 @@ __all__ = [
     "gather_blocks_ref",
     "scatter_blocks",
     "scatter_blocks_ref",
+    "swap_blocks",
 ]

@@ -151,3 +151,18 @@ def gather_blocks_triton(src, ids, out) -> torch.Tensor:
 def scatter_blocks_triton(src, dst, ids) -> None:
     """dst[ids[i]] = src[i] (src: a staging buffer)."""
     _launch_copy(src, dst, None, _ids(ids, dst.device), ids.numel(), True, False)
+
+
+def swap_blocks_triton(src, dst, src_ids, dst_ids) -> None:
+    """dst[dst_ids[i]] = src[src_ids[i]] with one side in pinned host memory.
+
+    The GPU's threads load from (or store to) the host side directly: pinned
+    memory is mapped into the device's address space (unified addressing), so
+    one launch moves every block of a layer over the link, with no staging copy
+    and no per-block DMA call. ``src_ids``/``dst_ids`` live on the GPU.
+    """
+    device = src.device if src.is_cuda else dst.device
+    n = src_ids.numel()
+    if n != dst_ids.numel():
+        raise ValueError("src_ids and dst_ids differ in length")
+    _launch_copy(src, dst, _ids(src_ids, device), _ids(dst_ids, device), n, False, False)
