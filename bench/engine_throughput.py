@@ -40,7 +40,8 @@ def main() -> int:
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)]
     params = __import__("pensieve.engine", fromlist=["SamplingParams"]).SamplingParams(
         max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    # warm-up: compiles the kernels of every phase (prefill-only, mixed prefill + decode, decode-only)
+    engine.generate(prompts[:16], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     _sync(engine)
     start = time.perf_counter()
     outs = engine.generate(prompts, params)

@@ -6,27 +6,31 @@
 # Each step has its own time limit so that one slow step cannot eat the call.
 set -uo pipefail
 OUT="${OUT:-/tmp/pensieve-out}"
+LOGS="$(mktemp -d)"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/engine:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 # STEPS (space-separated names below) picks a subset: STEPS="kernel_tests kernels_bench" bash bench/gpu_session.sh
-STEPS="${STEPS:-kernel_tests engine_gpu_tests kernels_bench engine_throughput swap_overlap tier_invariant}"
+STEPS="${STEPS:-kernel_tests engine_gpu_tests kernels_bench engine_throughput swap_overlap tier_invariant profile_step}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     local t0=$(date +%s)
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
     echo "== $name: rc=$rc, $(( $(date +%s) - t0 ))s"
-    grep -v '^\s*File \|^    ' "$OUT/$name.log" | tail -n "${TAIL:-25}"
+    # the device call returns at most 8 files: every step's whole log goes into one
+    { echo "===== $name: rc=$rc"; cat "$LOGS/$name.log"; } >>"$OUT/session.log"
+    grep -v '^\s*File \|^    ' "$LOGS/$name.log" | tail -n "${TAIL:-25}"
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$OUT/session.log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-step kernel_tests "${KT_LIMIT:-170}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
-step engine_gpu_tests "${ET_LIMIT:-110}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py
-step kernels_bench "${KB_LIMIT:-130}" python3 bench/kernels.py --out "$OUT/kernels_h100.json"
-step engine_throughput "${TP_LIMIT:-80}" python3 bench/engine_throughput.py --shape llama3-8b --requests 256 \
+step kernel_tests "${KT_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
+step engine_gpu_tests "${ET_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py
+step kernels_bench "${KB_LIMIT:-120}" python3 bench/kernels.py --out "$OUT/kernels_h100.json"
+step engine_throughput "${TP_LIMIT:-60}" python3 bench/engine_throughput.py --shape llama3-8b --requests 256 \
     --prompt-len 512 --output-len 128 --out "$OUT/engine_throughput.json"
 step swap_overlap "${SO_LIMIT:-80}" python3 bench/swap_overlap.py --shape llama3-8b --history 4096 --new 200 \
     --cpu-cache-bytes 8Gi --out "$OUT/swap_overlap.json"
-step tier_invariant "${TI_LIMIT:-90}" python3 bench/tier_invariant.py --shape llama3-8b --out "$OUT/tier_invariant.json"
+step tier_invariant "${TI_LIMIT:-70}" python3 bench/tier_invariant.py --shape llama3-8b --out "$OUT/tier_invariant.json"
+step profile_step "${PS_LIMIT:-70}" python3 bench/profile_step.py --shape llama3-8b --history 4096 --new 200 --decodes 256

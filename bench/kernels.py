@@ -30,6 +30,7 @@ Baselines:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -317,21 +318,25 @@ def variants_for(smoke):
                 out.append(("pensieve_split4", {"num_splits": 4}))
             return out
         out = [("pensieve", {})]
+        cfg = dataclasses.replace
         if name.startswith("decode"):
             out += [
                 ("pensieve_split2", {"num_splits": 2}),
-                ("pensieve_split4", {"num_splits": 4}),
-                ("pensieve_bn128_s2", {"num_splits": 1, "config": TileConfig(block_n_small=128, num_stages_small=2)}),
-                ("pensieve_bn32_s4", {"num_splits": 1, "config": TileConfig(block_n_small=32, num_stages_small=4)}),
-                ("pensieve_w8", {"num_splits": 1, "config": TileConfig(num_warps_small=8)}),
-                ("pensieve_bn64_s4", {"num_splits": 1, "config": TileConfig(num_stages_small=4)}),
+                ("pensieve_bn64_s3", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=64, num_stages_small=3)}),
+                ("pensieve_bn32_s4", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=32, num_stages_small=4)}),
+                ("pensieve_bn128_s3", {"num_splits": 1, "config": cfg(GPU_CONFIG, num_stages_small=3)}),
+                ("pensieve_bn128_w8", {"num_splits": 1, "config": cfg(GPU_CONFIG, num_warps_small=8)}),
             ]
         else:
+            def large(m, n, w, st):
+                return cfg(GPU_CONFIG, block_m_large=m, block_n_large=n, num_warps_large=w, num_stages_large=st)
             out += [
-                ("pensieve_m128n64_s3", {"config": TileConfig(num_stages_large=3)}),
-                ("pensieve_m128n128_s2", {"config": TileConfig(block_n_large=128, num_stages_large=2)}),
-                ("pensieve_m64n64_w4", {"config": TileConfig(block_m_large=64, num_warps_large=4)}),
-                ("pensieve_m128n32_s3", {"config": TileConfig(block_n_large=32, num_stages_large=3)}),
+                ("pensieve_m64n64_w4_s3", {"config": large(64, 64, 4, 3)}),
+                ("pensieve_m64n128_w4_s2", {"config": large(64, 128, 4, 2)}),
+                ("pensieve_m64n128_w8_s2", {"config": large(64, 128, 8, 2)}),
+                ("pensieve_m64n32_w4_s3", {"config": large(64, 32, 4, 3)}),
+                ("pensieve_m128n64_w8_s2", {"config": large(128, 64, 8, 2)}),
+                ("pensieve_m128n128_w8_s3", {"config": large(128, 128, 8, 3)}),
             ]
         return out
 

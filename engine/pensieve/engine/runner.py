@@ -319,7 +319,14 @@ class Swapper:
             if not self.cuda:
                 dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
             elif self.impl == "kernel":
-                swap_blocks(src, dst, src_ids, dst_ids, impl="triton")
+                try:
+                    swap_blocks(src, dst, src_ids, dst_ids, impl="triton")
+                    continue
+                except ValueError as e:  # e.g. a driver that cannot map the pinned tier into the GPU
+                    log.warning("swap kernel unavailable (%s); copying with DMA from now on", e)
+                    self.impl = "dma"
+                for s, d, n in _runs(pairs):
+                    dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
             else:  # pinned <-> device DMA, one per run of adjacent ids, on the copy stream
                 for s, d, n in _runs(pairs):
                     dst[d:d + n].copy_(src[s:s + n], non_blocking=True)

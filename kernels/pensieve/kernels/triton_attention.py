@@ -302,16 +302,23 @@ def _split_merge_kernel(
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile shapes per phase. ``block_m_*`` count rows (tokens x padded GQA group)."""
+    """Tile shapes per phase. ``block_m_*`` count rows (tokens x padded GQA group).
 
-    block_m_large: int = 128
+    Defaults: the fastest of the variants ``bench/kernels.py`` timed on an H100
+    (Llama-3-8B heads, block size 32; bench/results/kernels_h100.md): decode
+    streams 128 keys per iteration in 2 stages; extend/mixed tiles are 64 rows
+    by 64 keys with 4 warps (more programs and less register pressure than
+    128 x 64 with 8 warps, which was 14% slower on extend and 31% on mixed).
+    """
+
+    block_m_large: int = 64
     block_n_large: int = 64
     block_m_small: int = 16
-    block_n_small: int = 64
-    num_warps_large: int = 8
+    block_n_small: int = 128
+    num_warps_large: int = 4
     num_stages_large: int = 2
     num_warps_small: int = 4
-    num_stages_small: int = 3
+    num_stages_small: int = 2
 
 
 #: The interpreter runs every program in Python: small tiles keep CPU tests fast
