@@ -168,3 +168,24 @@ def test_sharded_checkpoint_loads(tiny_checkpoint, tmp_path):
     single = LLMEngine(EngineConfig(model=tiny_checkpoint("llama"), num_gpu_blocks=16))
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     assert sharded.generate([[4, 5, 6]], p) == single.generate([[4, 5, 6]], p)
+
+
+def test_swap_dma_runs_merge_adjacent_pairs_only():
+    from pensieve.engine.runner import _runs
+
+    assert _runs([]) == []
+    assert _runs([(4, 10), (5, 11), (6, 12), (9, 13), (10, 2), (11, 3), (12, 5)]) == [
+        (4, 10, 3), (9, 13, 1), (10, 2, 2), (12, 5, 1)]
+
+
+def test_cpu_tier_layers_are_disjoint_views_of_one_buffer(make_engine):
+    engine = make_engine("llama", num_cpu_blocks=5)
+    runner = engine.runner
+    flat = runner.cpu_buffer.tensor
+    assert not runner.cpu_buffer.pinned  # no GPU: plain host memory
+    views = [t for pair in runner.cpu_caches for t in pair]
+    assert sum(v.numel() for v in views) == flat.numel()
+    assert all(v.shape[0] == 5 and v.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for v in views)
+    for i, v in enumerate(views):
+        v.fill_(i)
+    assert all(bool((v == i).all()) for i, v in enumerate(views))
