@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/engine:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 # STEPS (space-separated names below) picks a subset: STEPS="kernel_tests kernels_bench" bash bench/gpu_session.sh
-STEPS="${STEPS:-kernel_tests engine_gpu_tests kernels_bench engine_throughput swap_overlap tier_invariant profile_step}"
+STEPS="${STEPS:-kernel_tests engine_gpu_tests kernels_bench engine_throughput swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
@@ -33,4 +33,6 @@ step engine_throughput "${TP_LIMIT:-60}" python3 bench/engine_throughput.py --sh
 step swap_overlap "${SO_LIMIT:-80}" python3 bench/swap_overlap.py --shape llama3-8b --history 4096 --new 200 \
     --cpu-cache-bytes 8Gi --out "$OUT/swap_overlap.json"
 step tier_invariant "${TI_LIMIT:-70}" python3 bench/tier_invariant.py --shape llama3-8b --out "$OUT/tier_invariant.json"
+step tier_invariant_fp32 "${TF_LIMIT:-100}" python3 bench/tier_invariant.py --shape llama3-8b --dtype float32 \
+    --out "$OUT/tier_invariant_fp32.json"
 step profile_step "${PS_LIMIT:-70}" python3 bench/profile_step.py --shape llama3-8b --history 4096 --new 200 --decodes 256

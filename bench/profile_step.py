@@ -98,7 +98,7 @@ def main() -> int:
     for i in range(args.decodes):
         engine.add_request([rng.randrange(vocab) for _ in range(512)],
                            SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True))
-    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.requests.values()):
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
         engine.step()
 
     def decode_steps():

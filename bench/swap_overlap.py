@@ -38,7 +38,14 @@ def _sync(engine):
         torch.cuda.synchronize(engine.device)
 
 
-def link_bandwidth(engine, blocks: int) -> dict:
+def use_impl(swapper, spec: str) -> None:
+    """``kernel:N`` (N programs; 0 = one per (block, chunk) item) or ``dma``."""
+    impl, _, programs = spec.partition(":")
+    swapper.impl = impl
+    swapper.programs = (int(programs) or 1 << 30) if programs else None
+
+
+def link_bandwidth(engine, blocks: int, specs: list[str]) -> dict:
     """GB/s of one turn's swap-in without compute: one big DMA (the link's ceiling),
     the per-layer kernel and per-run DMA over randomly placed blocks."""
     import torch
@@ -63,16 +70,17 @@ def link_bandwidth(engine, blocks: int) -> dict:
     gpu_ids = torch.randperm(engine.cache.gpu.num_blocks, generator=gen)[:blocks].tolist()
     from pensieve.engine.cache_manager import SwapPlan
 
-    def swap_in(impl):
+    def swap_in(spec):
         def run():
             swapper = runner.swapper
-            swapper.impl = impl
+            use_impl(swapper, spec)
             swapper.begin(SwapPlan(swap_in=list(zip(cpu_ids, gpu_ids))))
             swapper.finish_without_compute()
         return run
 
-    return dict(one_dma_GBps=timed(lambda: dev.copy_(host, non_blocking=True)),
-                kernel_GBps=timed(swap_in("kernel")), dma_runs_GBps=timed(swap_in("dma")))
+    out = dict(one_dma_GBps=timed(lambda: dev.copy_(host, non_blocking=True)))
+    out.update({f"{spec}_GBps": timed(swap_in(spec)) for spec in specs})
+    return out
 
 
 def main() -> int:
@@ -82,7 +90,8 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-cache-bytes", default="8Gi")
-    ap.add_argument("--swap-impls", default="kernel,dma", help="CPU-tier copy implementations to time")
+    ap.add_argument("--swap-impls", default="kernel:16,kernel:32,kernel:64,kernel:0,dma",
+                    help="CPU-tier copy implementations to time (kernel:N = N programs, 0 = one per item)")
     ap.add_argument("--workdir", default="/tmp/pensieve-bench")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -105,7 +114,7 @@ def main() -> int:
             sid = f"{where}-{r}"
             ttft(engine, history, sid)  # first turn fills the cache
             if where.startswith("cpu"):
-                engine.runner.swapper.impl = where.split(":")[1]
+                use_impl(engine.runner.swapper, where[4:])
                 engine.offload_session(sid)
                 assert not engine.get_session(sid).block_ids
             if where == "recompute":
@@ -123,7 +132,7 @@ def main() -> int:
                   cpu_over_gpu={i: med[f"cpu:{i}"] / med["gpu"] for i in impls},
                   cpu_over_recompute={i: med[f"cpu:{i}"] / med["recompute"] for i in impls},
                   swap_in_bytes_per_turn=args.history // engine.config.block_size * engine.runner.bytes_per_block,
-                  link=link_bandwidth(engine, args.history // engine.config.block_size),
+                  link=link_bandwidth(engine, args.history // engine.config.block_size, impls),
                   targets=dict(cpu_over_gpu="<= 1.3", cpu_over_recompute="<= 0.5"))
     print(json.dumps(result, indent=2))
     if args.out:

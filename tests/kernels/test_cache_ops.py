@@ -161,3 +161,18 @@ def test_swap_blocks_pinned_host_gpu(register):
     if register:
         for t in (host, back):
             torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+
+
+@pytest.mark.parametrize("programs", [1, 3, 64])
+def test_swap_kernel_programs_stride_over_every_block(device, programs):
+    """The persistent swap kernel: any number of programs covers every (block, chunk) item once."""
+    from pensieve.kernels.triton_cache import swap_blocks_triton
+
+    g = torch.Generator().manual_seed(programs)
+    src = torch.randn(9, 16, 2, 8, generator=g).to(device)
+    dst = torch.full((7, 16, 2, 8), float("nan"), device=device)
+    src_ids, dst_ids = torch.tensor([8, 0, 3, 5]), torch.tensor([6, 2, 0, 4])
+    swap_blocks_triton(src, dst, src_ids.to(device), dst_ids.to(device), max_programs=programs)
+    ref = torch.full((7, 16, 2, 8), float("nan"))
+    copy_blocks_ref(src.cpu(), ref, src_ids, dst_ids)
+    assert _eq(dst.cpu(), ref)

@@ -182,6 +182,8 @@ class ModelRunner:
         has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
         if has_swaps and self.swapper is None:
             raise RuntimeError("swaps planned but no CPU tier is allocated")
+        if self.swapper is not None:
+            self.swapper.wait_ahead()  # every step, with or without swaps of its own
         if has_swaps:
             self.swapper.begin(swaps)
         if not out.chunks:
@@ -249,6 +251,7 @@ class Swapper:
         self.ahead_done = None
         self.plan: SwapPlan | None = None
         self.ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.programs: int | None = None  # swap kernel's programs (None: the kernel's default)
 
     def begin(self, plan: SwapPlan) -> None:
         self.plan = plan
@@ -256,10 +259,7 @@ class Swapper:
         if not self.cuda:
             self.done_layers = -1
             return
-        compute = torch.cuda.current_stream()
-        if self.ahead_done is not None:
-            compute.wait_event(self.ahead_done)
-        self.stream.wait_stream(compute)  # copies read what earlier steps wrote
+        self.stream.wait_stream(torch.cuda.current_stream())  # copies read what earlier steps wrote
         self.events = []
         with torch.cuda.stream(self.stream):
             for layer in range(len(self.gpu)):
@@ -268,6 +268,13 @@ class Swapper:
                 event = torch.cuda.Event()
                 event.record(self.stream)
                 self.events.append(event)
+
+    def wait_ahead(self) -> None:
+        """The compute stream waits for the last step's ahead-of-time swap-outs: the
+        slots they read may be handed to new tokens from this step on."""
+        if self.cuda and self.ahead_done is not None:
+            torch.cuda.current_stream().wait_event(self.ahead_done)
+            self.ahead_done = None
 
     def wait_for_layer(self, layer: int) -> None:
         if self.cuda:
@@ -320,7 +327,7 @@ class Swapper:
                 dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
             elif self.impl == "kernel":
                 try:
-                    swap_blocks(src, dst, src_ids, dst_ids, impl="triton")
+                    swap_blocks(src, dst, src_ids, dst_ids, impl="triton", max_programs=self.programs)
                     continue
                 except ValueError as e:  # e.g. a driver that cannot map the pinned tier into the GPU
                     log.warning("swap kernel unavailable (%s); copying with DMA from now on", e)

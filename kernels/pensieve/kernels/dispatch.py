@@ -112,14 +112,15 @@ def scatter_blocks(src, dst, ids, *, impl="auto"):
     reference.scatter_blocks_ref(src, dst, ids)
 
 
-def swap_blocks(src, dst, src_ids, dst_ids, *, impl="auto"):
+def swap_blocks(src, dst, src_ids, dst_ids, *, impl="auto", max_programs=None):
     """dst[dst_ids[i]] = src[src_ids[i]] between the CPU tier and the GPU cache.
 
     With a CUDA tensor on one side and a pinned host tensor on the other, the
     Triton path is one launch in which the GPU reads or writes the host memory
     directly (ids on the GPU; launch it on the stream that orders the copy).
     Anything else (CPU only, unpinned host memory, ``impl="ref"``) takes the
-    reference, which copies through the usual transfers.
+    reference, which copies through the usual transfers. ``max_programs`` caps
+    the launch's programs (default ``triton_cache.SWAP_PROGRAMS``).
     """
     if src_ids.numel() != dst_ids.numel():
         raise ValueError("src_ids and dst_ids differ in length")
@@ -128,6 +129,6 @@ def swap_blocks(src, dst, src_ids, dst_ids, *, impl="auto"):
     if cross and src.dtype == dst.dtype and host.is_pinned() and _use_triton(src if src.is_cuda else dst, impl):
         from .triton_cache import swap_blocks_triton
 
-        swap_blocks_triton(src, dst, src_ids, dst_ids)
+        swap_blocks_triton(src, dst, src_ids, dst_ids, max_programs)
         return
     reference.copy_blocks_ref(src, dst, src_ids, dst_ids)

@@ -45,30 +45,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._interpreter import apply_interpreter_patch
+
 _LOG2E = 1.4426950408889634
 
 
-def _patch_interpreter() -> None:
-    """Triton 3.6's interpreter holds scalars as 1-element arrays and converts them
-    with ``int(array)``, which NumPy >= 2.4 refuses (loops with run-time bounds
-    fail). Convert through ``reshape(-1)[0]`` instead. Only the interpreter is
-    touched, and only when it is active."""
-    from triton.runtime import interpreter as _it
-
-    orig = getattr(_it, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_pensieve", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._pensieve = True
-    _it._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _patch_interpreter()
+apply_interpreter_patch()
 
 
 # --------------------------------------------------------------------------- kernels
@@ -307,8 +289,9 @@ class TileConfig:
     Defaults: the fastest of the variants ``bench/kernels.py`` timed on an H100
     (Llama-3-8B heads, block size 32; bench/results/kernels_h100.md): decode
     streams 128 keys per iteration in 2 stages; extend/mixed tiles are 64 rows
-    by 64 keys with 4 warps (more programs and less register pressure than
-    128 x 64 with 8 warps, which was 14% slower on extend and 31% on mixed).
+    by 64 keys with 4 warps and 3 stages (more programs and less register
+    pressure than 128 x 64 with 8 warps, which was 24% slower on extend and
+    20% on mixed).
     """
 
     block_m_large: int = 64
@@ -316,7 +299,7 @@ class TileConfig:
     block_m_small: int = 16
     block_n_small: int = 128
     num_warps_large: int = 4
-    num_stages_large: int = 2
+    num_stages_large: int = 3
     num_warps_small: int = 4
     num_stages_small: int = 2
 

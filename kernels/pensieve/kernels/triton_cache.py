@@ -33,6 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._interpreter import apply_interpreter_patch
+
+apply_interpreter_patch()
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -153,7 +157,35 @@ def scatter_blocks_triton(src, dst, ids) -> None:
     _launch_copy(src, dst, None, _ids(ids, dst.device), ids.numel(), True, False)
 
 
-def swap_blocks_triton(src, dst, src_ids, dst_ids) -> None:
+@triton.jit
+def _swap_blocks_kernel(
+    src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, total, iters, programs, n_chunks, block_numel,
+    stride_src, stride_dst, CHUNK: tl.constexpr,
+):
+    # Persistent: a few programs stride over the (block, chunk) items, so that a
+    # copy running beside the forward pass holds only a few SMs while it waits on
+    # the link. Item k of program p is p + k * programs; past ``total`` it is masked.
+    pid = tl.program_id(0)
+    for k in range(0, iters):
+        item = pid + k * programs
+        valid = item < total
+        item = tl.minimum(item, total - 1)
+        i = item // n_chunks
+        c = (item % n_chunks).to(tl.int64)
+        s = tl.load(src_ids_ptr + i).to(tl.int64)
+        d = tl.load(dst_ids_ptr + i).to(tl.int64)
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        mask = (offs < block_numel) & valid
+        x = tl.load(src_ptr + s * stride_src + offs, mask=mask)
+        tl.store(dst_ptr + d * stride_dst + offs, x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+#: Programs of a swap launch: enough loads in flight to fill the host link
+#: (bench/swap_overlap.py measures 16-132), few enough to leave the SMs to compute.
+SWAP_PROGRAMS = 32
+
+
+def swap_blocks_triton(src, dst, src_ids, dst_ids, max_programs: int | None = None) -> None:
     """dst[dst_ids[i]] = src[src_ids[i]] with one side in pinned host memory.
 
     The GPU's threads load from (or store to) the host side directly: pinned
@@ -165,4 +197,16 @@ def swap_blocks_triton(src, dst, src_ids, dst_ids) -> None:
     n = src_ids.numel()
     if n != dst_ids.numel():
         raise ValueError("src_ids and dst_ids differ in length")
-    _launch_copy(src, dst, _ids(src_ids, device), _ids(dst_ids, device), n, False, False)
+    if n == 0:
+        return
+    numel = _check_blocks(src, "src")
+    if _check_blocks(dst, "dst") != numel:
+        raise ValueError("src and dst blocks differ in size")
+    chunk = min(_CHUNK, _next_pow2(numel))
+    n_chunks = triton.cdiv(numel, chunk)
+    total = n * n_chunks
+    programs = max(1, min(total, max_programs or SWAP_PROGRAMS))
+    _swap_blocks_kernel[(programs,)](
+        src, dst, _ids(src_ids, device), _ids(dst_ids, device), total, triton.cdiv(total, programs), programs,
+        n_chunks, numel, src.stride(0), dst.stride(0), CHUNK=chunk, num_warps=4,
+    )
