@@ -60,6 +60,7 @@ def main() -> int:
     engine = LLMEngine(EngineConfig(**common, cache_mode="pensieve", num_gpu_blocks=args.gpu_blocks,
                                     num_cpu_blocks=args.cpu_blocks))
     oracle = LLMEngine(EngineConfig(**common, cache_mode="none", num_gpu_blocks=256))
+    print(f"engines ready ({engine.dtype}, {engine.device})", flush=True)
     rng = random.Random(args.seed)
     vocab = engine.model_config["vocab_size"]
     turns = {f"s{i}": [[rng.randrange(vocab) for _ in range(rng.randint(20, 200))] for _ in range(args.turns)]
@@ -94,6 +95,8 @@ def main() -> int:
                                logit_std=float(logits.std()), ulp_at_top=float(abs(logits[ref[i]])) * ulp)
                     print(f"difference: {row}", flush=True)
                 report.append(row)
+                print(f"turn {len(report)}/{args.sessions * args.turns}: {'equal' if row['equal'] else 'differs'} "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
                 history[sid] = prompt + ours
             engine.cache.check_invariants()
     elapsed = time.perf_counter() - start
