@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes import shape_checkpoint  # noqa: E402
+from shapes import shape_checkpoint, sync  # noqa: E402
 
 
 def main() -> int:
@@ -42,10 +42,10 @@ def main() -> int:
         max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     # warm-up: compiles the kernels of every phase (prefill-only, mixed prefill + decode, decode-only)
     engine.generate(prompts[:16], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    _sync(engine)
+    sync(engine)
     start = time.perf_counter()
     outs = engine.generate(prompts, params)
-    _sync(engine)
+    sync(engine)
     elapsed = time.perf_counter() - start
     gen = sum(len(o) for o in outs)
     result = dict(shape=args.shape, device=str(engine.device), dtype=str(engine.dtype), requests=args.requests,
@@ -59,12 +59,6 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
-
-def _sync(engine):
-    import torch
-
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,11 @@ def shape_checkpoint(name: str, root: str | Path) -> str:
         train_tokenizer(folder)
         (folder / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
     return str(folder)
+
+
+def sync(engine) -> None:
+    """Wait for the engine's device (timings end here)."""
+    import torch
+
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)

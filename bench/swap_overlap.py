@@ -16,26 +16,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes import shape_checkpoint  # noqa: E402
+from shapes import shape_checkpoint, sync  # noqa: E402
 
 
 def ttft(engine, prompt, session_id):
     from pensieve.engine import SamplingParams
 
-    _sync(engine)
+    sync(engine)
     start = time.perf_counter()
     engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), session_id=session_id)
     while engine.has_unfinished():
         engine.step()
-    _sync(engine)
+    sync(engine)
     return time.perf_counter() - start
 
-
-def _sync(engine):
-    import torch
-
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
 
 
 def use_impl(swapper, spec: str) -> None:

@@ -252,10 +252,12 @@ class Swapper:
         self.plan: SwapPlan | None = None
         self.ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.programs: int | None = None  # swap kernel's programs (None: the kernel's default)
+        self.runs: dict[str, list[tuple[int, int, int]]] = {}
 
     def begin(self, plan: SwapPlan) -> None:
         self.plan = plan
         self.ids = {name: self._id_tensors(getattr(plan, name)) for name in ("swap_out", "swap_in", "swap_out_ahead")}
+        self.runs: dict[str, list[tuple[int, int, int]]] = {}
         if not self.cuda:
             self.done_layers = -1
             return
@@ -325,18 +327,21 @@ class Swapper:
         for src, dst in zip(src_caches[layer], dst_caches[layer]):
             if not self.cuda:
                 dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
-            elif self.impl == "kernel":
-                try:
-                    swap_blocks(src, dst, src_ids, dst_ids, impl="triton", max_programs=self.programs)
-                    continue
-                except ValueError as e:  # e.g. a driver that cannot map the pinned tier into the GPU
-                    log.warning("swap kernel unavailable (%s); copying with DMA from now on", e)
-                    self.impl = "dma"
-                for s, d, n in _runs(pairs):
+            elif not (self.impl == "kernel" and self._kernel_copy(src, dst, src_ids, dst_ids)):
+                if kind not in self.runs:  # computed once per step, used by every layer
+                    self.runs[kind] = _runs(pairs)
+                for s, d, n in self.runs[kind]:  # pinned <-> device DMA, one per run of adjacent ids
                     dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
-            else:  # pinned <-> device DMA, one per run of adjacent ids, on the copy stream
-                for s, d, n in _runs(pairs):
-                    dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
+
+    def _kernel_copy(self, src, dst, src_ids, dst_ids) -> bool:
+        """One swap-kernel launch; False (and DMA from then on) if the driver refuses it."""
+        try:
+            swap_blocks(src, dst, src_ids, dst_ids, impl="triton", max_programs=self.programs)
+            return True
+        except ValueError as e:  # e.g. a driver that cannot map the pinned tier into the GPU
+            log.warning("swap kernel unavailable (%s); copying with DMA from now on", e)
+            self.impl = "dma"
+            return False
 
 
 def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:

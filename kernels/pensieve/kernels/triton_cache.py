@@ -118,13 +118,18 @@ def _check_blocks(t: torch.Tensor, name: str) -> int:
 _CHUNK = 4096
 
 
-def _launch_copy(src, dst, src_ids, dst_ids, n, src_identity, dst_identity) -> None:
-    if n == 0:
-        return
+def _block_numel_and_chunk(src, dst) -> tuple[int, int]:
+    """Elements per block (equal on both sides) and the elements one program copies."""
     numel = _check_blocks(src, "src")
     if _check_blocks(dst, "dst") != numel:
         raise ValueError("src and dst blocks differ in size")
-    chunk = min(_CHUNK, _next_pow2(numel))
+    return numel, min(_CHUNK, _next_pow2(numel))
+
+
+def _launch_copy(src, dst, src_ids, dst_ids, n, src_identity, dst_identity) -> None:
+    if n == 0:
+        return
+    numel, chunk = _block_numel_and_chunk(src, dst)
     dummy = src_ids if src_ids is not None else dst_ids
     _copy_blocks_kernel[(n, triton.cdiv(numel, chunk))](
         src, dst, src_ids if src_ids is not None else dummy, dst_ids if dst_ids is not None else dummy,
@@ -199,10 +204,7 @@ def swap_blocks_triton(src, dst, src_ids, dst_ids, max_programs: int | None = No
         raise ValueError("src_ids and dst_ids differ in length")
     if n == 0:
         return
-    numel = _check_blocks(src, "src")
-    if _check_blocks(dst, "dst") != numel:
-        raise ValueError("src and dst blocks differ in size")
-    chunk = min(_CHUNK, _next_pow2(numel))
+    numel, chunk = _block_numel_and_chunk(src, dst)
     n_chunks = triton.cdiv(numel, chunk)
     total = n * n_chunks
     programs = max(1, min(total, max_programs or SWAP_PROGRAMS))
