@@ -62,7 +62,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(config.model, self.model_config, self.tokenizer)
         self.served_model_name = config.served_model_name or config.model.rstrip("/").split("/")[-1]
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.model_config, self.device, self.dtype)
+        self.runner = ModelRunner(config, self.model_config, self.device, self.dtype, self.max_model_len)
         num_blocks = config.num_gpu_blocks or self.runner.profile_num_blocks(self.max_model_len)
         self.runner.allocate_cache(num_blocks)
         self.cost_model = self._cost_model(num_blocks)
@@ -71,6 +71,7 @@ class LLMEngine:
         self.cache = CacheManager(num_blocks, config.block_size, config.cache_mode, config.eviction,
                                   num_cpu_blocks=num_cpu_blocks, cost_model=self.cost_model)
         self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens, config.max_num_seqs)
+        self.runner.warm_up(config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()

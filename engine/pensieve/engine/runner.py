@@ -8,13 +8,15 @@ import time
 
 import torch
 
-from pensieve.kernels import prepare_paged_attention, swap_blocks
+from pensieve.kernels import paged_attention, prepare_paged_attention, swap_blocks
 
+from .cache_manager import SwapPlan
 from .checkpoint import load_model
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs, staged_copy
 from .models import AttentionMetadata
-from .cache_manager import SwapPlan
 from .scheduler import SchedulerOutput
+from .step_inputs import StepInputs, build_step_inputs
 
 log = logging.getLogger("pensieve.engine")
 
@@ -22,7 +24,8 @@ CPU_DEFAULT_CACHE_BYTES = 2 << 30  # the "GPU tier" on a CPU-only machine
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_cfg: dict, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: EngineConfig, model_cfg: dict, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int):
         self.config = config
         self.device, self.dtype = device, dtype
         self.block_size = config.block_size
@@ -40,7 +43,15 @@ class ModelRunner:
             from .errors import InvalidRequestError
             raise InvalidRequestError("Triton kernels on a CPU run only in the interpreter: set TRITON_INTERPRET=1 "
                                       "or use --attention-impl ref", "attention_impl")
+        # The kernels of every layer, decided here once ("triton" or "ref").
+        self.kernel_impl = "triton" if self.uses_triton else "ref"
         self.swapper: Swapper | None = None
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and config.cuda_graphs:
+            width = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self, min(config.max_num_seqs, 256), width)
+        self.staging = [torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)]
+        self.turn = 0
 
     @property
     def bytes_per_block(self) -> int:
@@ -66,21 +77,24 @@ class ModelRunner:
         slots = (torch.arange(tokens, device=self.device) // seq_len) * blocks_per_seq * self.block_size + positions
         q_start = torch.tensor([min(i * seq_len, tokens) for i in range(num_seqs + 1)], dtype=torch.int32, device=self.device)
         meta = AttentionMetadata(slots, block_tables, q_start, torch.zeros(num_seqs, dtype=torch.int32, device=self.device),
-                                 impl=self.attention_impl)
+                                 impl=self.kernel_impl)
         with torch.inference_mode():
             hidden = self.model(ids, positions, meta, self.kv_caches)
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        # The decode graphs keep their activations for good: reserve what the largest one takes.
+        graphs = self.graphs.measure_peak() if self.graphs is not None else 0
         cache_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
         self.kv_caches = []
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         other_processes = total - free - torch.cuda.memory_reserved(self.device)
-        usable = total * self.config.gpu_memory_utilization - (peak - cache_bytes) - other_processes
+        usable = total * self.config.gpu_memory_utilization - (peak - cache_bytes) - graphs - other_processes
         num = int(usable // self.bytes_per_block)
-        log.info("GPU sizing: total %.1f GiB, peak without cache %.2f GiB, %d blocks of %.2f MiB",
-                 total / 2**30, (peak - cache_bytes) / 2**30, num, self.bytes_per_block / 2**20)
+        log.info("GPU sizing: total %.1f GiB, peak without cache %.2f GiB, decode graphs %.2f GiB, "
+                 "%d blocks of %.2f MiB", total / 2**30, (peak - cache_bytes) / 2**30, graphs / 2**30, num,
+                 self.bytes_per_block / 2**20)
         if num <= 0:
             raise RuntimeError("no GPU memory left for the KV cache; lower --max-num-batched-tokens "
                                "or raise --gpu-memory-utilization")
@@ -118,7 +132,7 @@ class ModelRunner:
         positions = torch.arange(position, position + bs, device=dev)
         meta = AttentionMetadata(positions.clone(), torch.arange(n_blocks, dtype=torch.int32, device=dev)[None],
                                  torch.tensor([0, bs], dtype=torch.int32, device=dev),
-                                 torch.tensor([position], dtype=torch.int32, device=dev), impl=self.attention_impl)
+                                 torch.tensor([position], dtype=torch.int32, device=dev), impl=self.kernel_impl)
         times = []
         for _ in range(repeats + 1):
             if dev.type == "cuda":
@@ -130,49 +144,93 @@ class ModelRunner:
             times.append(time.perf_counter() - start)
         return sorted(times[1:])[len(times[1:]) // 2]
 
-    # ---------------------------------------------------------------- step
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        q_start = [0]
-        pos_start: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        for chunk in out.chunks:
-            req, s, n = chunk.request, chunk.start, chunk.num_tokens
-            blocks = req.block_ids
-            input_ids.extend(req.token_ids[s:s + n])
-            rng = range(s, s + n)
-            positions.extend(rng)
-            slots.extend(blocks[p // bs] * bs + p % bs for p in rng)
-            q_start.append(q_start[-1] + n)
-            pos_start.append(s)
-            tables.append(blocks)
-            if chunk.samples:
-                sample_rows.append(q_start[-1] - 1)
-        width = max(len(t) for t in tables)
-        table = [t + [0] * (width - len(t)) for t in tables]
+    # ---------------------------------------------------------------- start-up
+    @torch.inference_mode()
+    def warm_up(self, max_num_batched_tokens: int) -> None:
+        """Compile every kernel variant the serving path can take and capture the
+        decode graphs, before the first request: prefill-only, mixed and
+        decode-only steps (each split count of the decode kernel). Call after the
+        caches are allocated; writes nothing into the cache (slots -1)."""
+        if self.device.type != "cuda":
+            return
+        t0 = time.perf_counter()
+        prefill = min(max_num_batched_tokens, 256)
+        self._dummy_forward([prefill])                     # large tiles only
+        self._dummy_forward([max(2, prefill - 4), 1, 1, 1])  # large and small tiles
+        if self.kernel_impl == "triton":
+            self._warm_decode_splits()
+        if self.swapper is not None and self.cpu_caches and self.cpu_caches[0][0].shape[0]:
+            self._warm_swap()
+        compiled = time.perf_counter() - t0
+        if self.graphs is not None:
+            self.graphs.capture()
+        torch.cuda.synchronize(self.device)
+        log.info("warm-up: kernels compiled in %.1f s, %.1f s in all", compiled, time.perf_counter() - t0)
+
+    def _dummy_forward(self, q_lens: list[int]) -> None:
         dev = self.device
-        pin = dev.type == "cuda"
+        t = sum(q_lens)
+        starts = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+        pos_start = torch.zeros(len(q_lens), dtype=torch.int32)
+        positions = torch.cat([torch.arange(n) for n in q_lens]).to(dev)
+        width = -(-max(q_lens) // self.block_size)
+        meta = AttentionMetadata(torch.full((t,), -1, dtype=torch.int64, device=dev),
+                                 torch.zeros((len(q_lens), width), dtype=torch.int32, device=dev),
+                                 starts.to(dev), pos_start.to(dev), impl=self.kernel_impl)
+        if self.kernel_impl == "triton":
+            meta.kernel_plan = prepare_paged_attention(starts, pos_start, self.num_heads, self.num_kv_heads, device=dev)
+        hidden = self.model(torch.zeros(t, dtype=torch.int64, device=dev), positions, meta, self.kv_caches)
+        self.model.compute_logits(hidden[-1:]).float()
 
-        def to_dev(values, dtype):
-            t = torch.tensor(values, dtype=dtype)
-            return t.pin_memory().to(dev, non_blocking=True) if pin else t
+    def _warm_decode_splits(self) -> None:
+        """The decode kernel with every split count an eager decode step may choose."""
+        from pensieve.kernels.triton_attention import SPLIT_CHOICES
 
-        meta = AttentionMetadata(
-            slot_mapping=to_dev(slots, torch.int64),
-            block_tables=to_dev(table, torch.int32),
-            seg_q_start=to_dev(q_start, torch.int32),
-            seg_pos_start=to_dev(pos_start, torch.int32),
-            impl=self.attention_impl,
-        )
+        dev = self.device
+        k_cache, v_cache = self.kv_caches[0]
+        q = torch.zeros((2, self.num_heads, self.head_dim), dtype=self.dtype, device=dev)
+        starts, pos = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 0], dtype=torch.int32)
+        table = torch.zeros((2, 1), dtype=torch.int32, device=dev)
+        for splits in SPLIT_CHOICES:
+            plan = prepare_paged_attention(starts, pos, self.num_heads, self.num_kv_heads, device=dev,
+                                           num_splits=splits)
+            paged_attention(q, k_cache, v_cache, table, starts.to(dev), pos.to(dev), 1.0, impl="triton",
+                            metadata=plan)
+
+    def _warm_swap(self) -> None:
+        """One block out to the CPU tier and back (start-up: the cache holds nothing yet)."""
+        plan = SwapPlan(swap_out=[(0, 0)], swap_in=[(0, 0)])
+        self.swapper.begin(plan)
+        self.swapper.finish_without_compute()
+        torch.cuda.synchronize(self.device)
+        self.swapper.ahead_done = None
+
+    # ---------------------------------------------------------------- step
+    def prepare(self, out: SchedulerOutput, pad_to: int | None = None) -> tuple[StepInputs, dict, AttentionMetadata]:
+        """Pack the step on the host and copy it to the device in one transfer."""
+        width = self.graphs.width if pad_to is not None else None
+        inputs = build_step_inputs(out, self.block_size, pad_to=pad_to, width=width)
+        if self.device.type == "cuda":
+            buf = staged_copy(inputs.packed, self.staging, self.turn, self.device)
+            self.turn ^= 1
+        else:
+            buf = torch.from_numpy(inputs.packed)
+        v = inputs.device_views(buf)
+        meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
+                                 impl=self.kernel_impl)
         if self.uses_triton:
-            meta.kernel_plan = prepare_paged_attention(torch.tensor(q_start, dtype=torch.int32),
-                                                       torch.tensor(pos_start, dtype=torch.int32),
-                                                       self.num_heads, self.num_kv_heads, device=dev)
-        return to_dev(input_ids, torch.int64), to_dev(positions, torch.int64), meta, sample_rows
+            meta.kernel_plan = prepare_paged_attention(torch.from_numpy(inputs.seg_q_start),
+                                                       torch.from_numpy(inputs.seg_pos_start),
+                                                       self.num_heads, self.num_kv_heads, device=self.device)
+        return inputs, v, meta
+
+    def _graph_batch(self, out: SchedulerOutput, blocking_swaps: bool, all_logits: bool) -> int | None:
+        """The padded batch size of a decode graph that can run this step, if any."""
+        if self.graphs is None or blocking_swaps or all_logits or not out.chunks:
+            return None
+        if not all(c.num_tokens == 1 and not c.recompute and c.samples for c in out.chunks):
+            return None
+        return self.graphs.batch_size_for(len(out.chunks))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, all_logits: bool = False) -> torch.Tensor | None:
@@ -180,6 +238,7 @@ class ModelRunner:
         logits of the sampling rows, in chunk order (every token's when ``all_logits``)."""
         swaps = out.swaps
         has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
+        blocking = bool(swaps.swap_in or swaps.swap_out)  # layers must wait for these copies
         if has_swaps and self.swapper is None:
             raise RuntimeError("swaps planned but no CPU tier is allocated")
         if self.swapper is not None:
@@ -190,15 +249,22 @@ class ModelRunner:
             if has_swaps:
                 self.swapper.finish_without_compute()
             return None
-        input_ids, positions, meta, sample_rows = self.prepare(out)
-        if has_swaps:
-            meta.wait_for_layer = self.swapper.wait_for_layer
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        graph_batch = self._graph_batch(out, blocking, all_logits)
+        if graph_batch is not None:
+            inputs = build_step_inputs(out, self.block_size, pad_to=graph_batch, width=self.graphs.width)
+            logits = self.graphs.run(inputs)[:len(out.chunks)]
+        else:
+            inputs, v, meta = self.prepare(out)
+            if blocking:
+                meta.wait_for_layer = self.swapper.wait_for_layer
+            hidden = self.model(v["input_ids"], v["positions"], meta, self.kv_caches)
+            if not all_logits:
+                rows = torch.tensor(inputs.sample_rows, dtype=torch.long).to(hidden.device, non_blocking=True)
+                hidden = hidden.index_select(0, rows)
+            logits = self.model.compute_logits(hidden).float()
         if has_swaps:
             self.swapper.after_forward()
-        if not all_logits:
-            hidden = hidden.index_select(0, torch.tensor(sample_rows, dtype=torch.long, device=hidden.device))
-        return self.model.compute_logits(hidden).float()
+        return logits
 
 
 class HostBuffer:

@@ -13,15 +13,22 @@ from .reference import (
     paged_attention_ref,
     scatter_blocks_ref,
     write_kv_ref,
+    rms_norm_ref,
+    silu_and_mul_ref,
+    rotary_write_kv_ref,
 )
 from .dispatch import (
     copy_blocks,
+    decode_graph_plan,
     gather_blocks,
     paged_attention,
     prepare_paged_attention,
     scatter_blocks,
     swap_blocks,
     write_kv,
+    rms_norm,
+    silu_and_mul,
+    rotary_write_kv,
 )
 
 __all__ = [
@@ -37,4 +44,11 @@ __all__ = [
     "scatter_blocks",
     "scatter_blocks_ref",
     "swap_blocks",
+    "rms_norm",
+    "rms_norm_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
+    "rotary_write_kv",
+    "rotary_write_kv_ref",
+    "decode_graph_plan",
 ]

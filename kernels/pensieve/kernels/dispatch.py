@@ -40,6 +40,16 @@ def prepare_paged_attention(seg_q_start, seg_pos_start, num_heads, num_kv_heads,
     return _prep(seg_q_start, seg_pos_start, num_heads, num_kv_heads, **kwargs)
 
 
+def decode_graph_plan(seg_q_start, seg_pos_start, batch, num_heads, num_kv_heads, **kwargs):
+    """Static launch plan for decode steps captured in a CUDA graph.
+
+    See :func:`pensieve.kernels.triton_attention.decode_graph_plan`.
+    """
+    from .triton_attention import decode_graph_plan as _plan
+
+    return _plan(seg_q_start, seg_pos_start, batch, num_heads, num_kv_heads, **kwargs)
+
+
 def paged_attention(
     query, k_cache, v_cache, block_tables, seg_q_start, seg_pos_start, scale, *,
     impl="auto", metadata=None, num_splits=None, out=None,
@@ -132,3 +142,37 @@ def swap_blocks(src, dst, src_ids, dst_ids, *, impl="auto", max_programs=None):
         swap_blocks_triton(src, dst, src_ids, dst_ids, max_programs)
         return
     reference.copy_blocks_ref(src, dst, src_ids, dst_ids)
+
+
+def rms_norm(x, weight, eps, residual=None, *, impl="auto"):
+    """RMSNorm, fused with the residual add when ``residual`` is given; returns (normed, residual).
+    See :func:`pensieve.kernels.reference.rms_norm_ref` (the Triton path updates ``residual`` in place)."""
+    if _use_triton(x, impl) and x.dim() == 2:
+        from .triton_fused import rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps, residual)
+    return reference.rms_norm_ref(x, weight, eps, residual)
+
+
+def silu_and_mul(gate_up, *, impl="auto"):
+    """See :func:`pensieve.kernels.reference.silu_and_mul_ref`."""
+    if _use_triton(gate_up, impl) and gate_up.dim() == 2:
+        from .triton_fused import silu_and_mul_triton
+
+        return silu_and_mul_triton(gate_up)
+    return reference.silu_and_mul_ref(gate_up)
+
+
+def rotary_write_kv(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, *,
+                    impl="auto"):
+    """Rotary on q and k, k and v into the cache; returns q [T, Hq, D].
+    See :func:`pensieve.kernels.reference.rotary_write_kv_ref`."""
+    head_dim = k_cache.shape[-1]
+    pow2 = head_dim >= 2 and head_dim & (head_dim - 1) == 0
+    if _use_triton(qkv, impl) and pow2 and qkv.device == k_cache.device:
+        from .triton_fused import rotary_write_kv_triton
+
+        return rotary_write_kv_triton(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                      num_heads, num_kv_heads)
+    return reference.rotary_write_kv_ref(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                         num_heads, num_kv_heads)

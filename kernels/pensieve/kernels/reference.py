@@ -120,3 +120,58 @@ def scatter_blocks_ref(src: torch.Tensor, dst: torch.Tensor, ids: torch.Tensor) 
     if n == 0:
         return
     dst.index_copy_(0, ids.to(dst.device, torch.int64), src[:n].to(dst.device, dst.dtype))
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm of ``x`` [T, H] (of ``x + residual`` when given), as Hugging Face's Llama computes it.
+
+    Returns ``(normed, new_residual)``: ``new_residual = x + residual`` rounded to
+    ``x``'s dtype (None without a residual). The norm is taken in float32, rounded
+    to the input dtype, then scaled by ``weight``.
+    """
+    if residual is not None:
+        x = x + residual
+        residual = x
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype), residual
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up`` [T, 2I] holding gate then up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_write_kv_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    num_heads: int, num_kv_heads: int,
+) -> torch.Tensor:
+    """Rotary embedding (rotate-half layout) on q and k, then k and v into the cache.
+
+    qkv:     [T, (Hq + 2 Hkv) * D], q then k then v (one projection's output).
+    cos_sin: float32 [max_pos, 2, D] (cos then sin per position), or None: no rotary.
+    Returns the rotated query [T, Hq, D] in qkv's dtype. Rotation in float32,
+    one rounding to the dtype at the end. Slots < 0 are skipped.
+    """
+    head_dim = k_cache.shape[-1]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.reshape(-1, num_heads, head_dim)
+    k = k.reshape(-1, num_kv_heads, head_dim)
+    v = v.reshape(-1, num_kv_heads, head_dim)
+    if cos_sin is not None:
+        cs = cos_sin.index_select(0, positions.to(torch.int64))
+        cos, sin = cs[:, 0].unsqueeze(1), cs[:, 1].unsqueeze(1)
+        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(qkv.dtype)
+        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(qkv.dtype)
+    write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q

@@ -198,7 +198,10 @@ def _attn_tile(
         tl.store(pml_ptr + ml_off + 1, l_i, mask=row_valid)
 
 
-@triton.jit
+# Values that change from step to step are not specialized on (Triton would
+# otherwise compile a variant per class of value: 1, multiple of 16, other).
+@triton.jit(do_not_specialize=["n_tiles", "n_large", "stride_bt", "stride_pos", "stride_pot", "stride_pmls",
+                               "stride_pmlt"])
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, o_ptr, po_ptr, pml_ptr,
     tiles_ptr, n_tiles, n_large, seg_q_ptr, seg_pos_ptr,
@@ -251,7 +254,7 @@ def _paged_attn_kernel(
             )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pos", "stride_pot", "stride_pmls", "stride_pmlt"])
 def _split_merge_kernel(
     po_ptr, pml_ptr, o_ptr, rows_ptr,
     stride_pos, stride_pot, stride_poh, stride_pmls, stride_pmlt, stride_pmlh,
@@ -336,6 +339,23 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+#: Split counts a decode-only launch may use: powers of two, so that start-up can
+#: compile every variant (the split count is a compile-time constant).
+SPLIT_CHOICES = (1, 2, 4, 8, 16, 32)
+
+
+def decode_splits(n_seqs: int, num_kv_heads: int, device: torch.device, max_kv: int = 1 << 30) -> int:
+    """Key splits for a decode-only launch of ``n_seqs`` sequences: enough programs
+    to fill the GPU about four times over when the batch alone would not fill it
+    twice, at least 256 keys per split, a power of two up to 32."""
+    programs = max(1, n_seqs * num_kv_heads)
+    sms = _sm_count(device)
+    if programs >= 2 * sms:
+        return 1
+    want = min(max(1, (4 * sms) // programs), max(1, max_kv // 256), SPLIT_CHOICES[-1])
+    return 1 << (want.bit_length() - 1)  # round down to a power of two
+
+
 @dataclass
 class PagedAttentionMetadata:
     """Per-step launch plan; independent of the layer, so build it once per step.
@@ -415,10 +435,8 @@ def prepare_paged_attention(
     splits = 1
     if n_large == 0 and n_small > 0:
         if num_splits is None:
-            programs = n_small * num_kv_heads
-            sms = _sm_count(device)
-            if programs < 2 * sms and max_kv >= 1024:
-                splits = min(max(1, (4 * sms) // programs), max(1, max_kv // 256), 32)
+            if max_kv >= 1024:
+                splits = decode_splits(n_small, num_kv_heads, device, max_kv)
         else:
             splits = max(1, int(num_splits))
     split_rows = None
@@ -440,6 +458,41 @@ def prepare_paged_attention(
         seg_pos_start=ps.to(torch.int32).to(device, non_blocking=nb),
         split_rows=split_rows,
         max_kv_len=max_kv,
+    )
+
+
+def decode_graph_plan(
+    seg_q_start: torch.Tensor,
+    seg_pos_start: torch.Tensor,
+    batch: int,
+    num_heads: int,
+    num_kv_heads: int,
+    *,
+    num_splits: int | None = None,
+    config: TileConfig | None = None,
+) -> PagedAttentionMetadata:
+    """A launch plan for decode steps replayed from a CUDA graph: ``batch`` one-token
+    segments, tile i = segment i, whatever the step's lengths. ``seg_q_start`` and
+    ``seg_pos_start`` are the graph's static device buffers (the kernel reads them
+    at replay); a padding segment has q_len 0 and writes nothing. The split count
+    is fixed at capture (by default for long contexts; empty splits cost little).
+    """
+    device = seg_q_start.device
+    group = num_heads // num_kv_heads
+    ids = torch.arange(batch, dtype=torch.int32, device=device)
+    splits = num_splits or decode_splits(batch, num_kv_heads, device)
+    return PagedAttentionMetadata(
+        tiles=torch.stack([ids, torch.zeros_like(ids)]).contiguous(),
+        n_large=0,
+        n_small=batch,
+        num_splits=splits,
+        group=group,
+        num_kv_heads=num_kv_heads,
+        config=config or default_tile_config(device),
+        seg_q_start=seg_q_start,
+        seg_pos_start=seg_pos_start,
+        split_rows=ids if splits > 1 else None,
+        max_kv_len=0,
     )
 
 

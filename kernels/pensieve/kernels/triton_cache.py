@@ -38,7 +38,7 @@ from ._interpreter import apply_interpreter_patch
 apply_interpreter_patch()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_kt", "stride_vt"])
 def _write_kv_kernel(
     key_ptr, val_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -162,7 +162,9 @@ def scatter_blocks_triton(src, dst, ids) -> None:
     _launch_copy(src, dst, None, _ids(ids, dst.device), ids.numel(), True, False)
 
 
-@triton.jit
+# total/iters/programs change with every swap: compiling a variant per value class
+# (1, multiple of 16, other) would happen while serving.
+@triton.jit(do_not_specialize=["total", "iters", "programs"])
 def _swap_blocks_kernel(
     src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, total, iters, programs, n_chunks, block_numel,
     stride_src, stride_dst, CHUNK: tl.constexpr,

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pensieve.kernels import paged_attention, write_kv
+from pensieve.kernels import paged_attention, rms_norm, rotary_write_kv
 
 
 @dataclass
@@ -19,6 +19,7 @@ class AttentionMetadata:
     block_tables:  int32 [S, max_blocks] one row per query segment
     seg_q_start:   int32 [S+1] segment s owns rows seg_q_start[s]:seg_q_start[s+1]
     seg_pos_start: int32 [S]   context position of each segment's first token
+    impl:          "triton" or "ref": the kernels of every layer, chosen once at start-up
     wait_for_layer: called before layer i reads the cache, so that a swap-in of
                     that layer (on its own stream) can finish just in time.
     """
@@ -33,7 +34,8 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Writes the new keys/values into the paged cache, then attends over it."""
+    """Rotates q and k (when the model has a rotary table), writes the new keys and
+    values into the paged cache (one fused kernel), then attends over the cache."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_idx: int):
         super().__init__()
@@ -41,30 +43,29 @@ class Attention(nn.Module):
         self.scale = scale
         self.layer_idx = layer_idx
 
-    def forward(self, q, k, v, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor | None,
+                meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """qkv: [T, (Hq + 2 Hkv) * D], q then k then v. Returns [T, Hq * D]."""
         if meta.wait_for_layer is not None:
-            meta.wait_for_layer(self.layer_idx)
+            meta.wait_for_layer(self.layer_idx)  # this layer's swap-ins (and urgent swap-outs) are done
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, impl=meta.impl)
+        q = rotary_write_kv(qkv, positions, cos_sin, k_cache, v_cache, meta.slot_mapping,
+                            self.num_heads, self.num_kv_heads, impl=meta.impl)
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seg_q_start, meta.seg_pos_start,
                               self.scale, impl=meta.impl, metadata=meta.kernel_plan)
         return out.reshape(-1, self.num_heads * self.head_dim)
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; given a residual, adds it first (fused) and returns the sum as the new residual."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, impl: str, residual: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual, impl=impl)
 
 
 class RotaryEmbedding(nn.Module):
@@ -77,22 +78,9 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, num_heads: int, num_kv_heads: int):
-        cos = self.cos.index_select(0, positions).unsqueeze(1).to(q.dtype)
-        sin = self.sin.index_select(0, positions).unsqueeze(1).to(q.dtype)
-        q = q.view(q.shape[0], num_heads, -1)
-        k = k.view(k.shape[0], num_kv_heads, -1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q.flatten(1), k.flatten(1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        # float32 [max_positions, 2, head_dim]: cos then sin of each position (kept in
+        # float32 whatever the model dtype; the kernel rotates in float32).
+        self.register_buffer("cos_sin", torch.stack([emb.cos(), emb.sin()], dim=1), persistent=False)
 
 
 def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pensieve.kernels import silu_and_mul
+
 from .layers import Attention, AttentionMetadata, RMSNorm, RotaryEmbedding
 
 
@@ -45,14 +47,17 @@ class LlamaLayer(nn.Module):
         if act != "silu":
             raise NotImplementedError(f"hidden_act {act!r} is not supported for this family (only silu)")
 
-    def forward(self, x, positions, rotary, meta: AttentionMetadata, kv_cache):
-        h = self.input_layernorm(x)
-        q, k, v = self.qkv_proj(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = rotary(positions, q, k, self.num_heads, self.num_kv_heads)
-        x = x + self.o_proj(self.attn(q, k, v, meta, kv_cache))
-        h = self.post_attention_layernorm(x)
-        gate, up = self.gate_up_proj(h).split(self.intermediate, dim=-1)
-        return x + self.down_proj(nn.functional.silu(gate) * up)
+    def forward(self, x, residual, positions, cos_sin, meta: AttentionMetadata, kv_cache):
+        """Returns (this layer's output, the residual stream before it): the next
+        norm adds them in one fused kernel."""
+        if residual is None:
+            residual = x
+            h, _ = self.input_layernorm(x, meta.impl)
+        else:
+            h, residual = self.input_layernorm(x, meta.impl, residual)
+        x = self.o_proj(self.attn(self.qkv_proj(h), positions, cos_sin, meta, kv_cache))
+        h, residual = self.post_attention_layernorm(x, meta.impl, residual)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(h), impl=meta.impl)), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -79,9 +84,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        residual = None
+        cos_sin = self.rotary.cos_sin
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, meta, kv)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, cos_sin, meta, kv)
+        return self.norm(x, meta.impl, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -20,8 +20,9 @@ class OPTAttention(nn.Module):
         self.out_proj = nn.Linear(hidden, hidden, bias=bias)
         self.attn = Attention(num_heads, num_heads, head_dim, head_dim ** -0.5, layer_idx)
 
-    def forward(self, h, meta: AttentionMetadata, kv_cache):
-        return self.out_proj(self.attn(self.q_proj(h), self.k_proj(h), self.v_proj(h), meta, kv_cache))
+    def forward(self, h, positions, meta: AttentionMetadata, kv_cache):
+        qkv = torch.cat([self.q_proj(h), self.k_proj(h), self.v_proj(h)], dim=-1)
+        return self.out_proj(self.attn(qkv, positions, None, meta, kv_cache))
 
 
 class OPTLayer(nn.Module):
@@ -42,9 +43,9 @@ class OPTLayer(nn.Module):
         if act != "relu":
             raise NotImplementedError(f"OPT activation {act!r} is not supported (only relu)")
 
-    def forward(self, x, meta: AttentionMetadata, kv_cache):
+    def forward(self, x, positions, meta: AttentionMetadata, kv_cache):
         h = self.self_attn_layer_norm(x) if self.pre_norm else x
-        x = x + self.self_attn(h, meta, kv_cache)
+        x = x + self.self_attn(h, positions, meta, kv_cache)
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
@@ -81,7 +82,7 @@ class OPTForCausalLM(nn.Module):
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, meta, kv)
+            x = layer(x, positions, meta, kv)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
