@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/engine:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 # STEPS (space-separated names below) picks a subset: STEPS="kernel_tests kernels_bench" bash bench/gpu_session.sh
-STEPS="${STEPS:-kernel_tests engine_gpu_tests kernels_bench engine_throughput swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
+STEPS="${STEPS:-kernel_tests engine_gpu_tests speed_engine speed_hf speed_http kernels_bench swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
@@ -27,6 +27,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step kernel_tests "${KT_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
 step engine_gpu_tests "${ET_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py
+step speed_engine "${SE_LIMIT:-240}" python3 bench/engine_speed.py engine --out "$OUT/speed_engine.json"
+step speed_hf "${SH_LIMIT:-150}" python3 bench/engine_speed.py hf --out "$OUT/speed_hf.json"
+step speed_http "${SP_LIMIT:-150}" python3 bench/engine_speed.py http --out "$OUT/speed_http.json"
+[ -f "$OUT/speed_engine.json" ] && python3 bench/engine_speed.py merge "$OUT"/speed_engine.json "$OUT"/speed_hf.json \
+    "$OUT"/speed_http.json --out "$OUT/engine_speed.json" && rm -f "$OUT"/speed_*.json
 step kernels_bench "${KB_LIMIT:-120}" python3 bench/kernels.py --out "$OUT/kernels_h100.json"
 step engine_throughput "${TP_LIMIT:-60}" python3 bench/engine_throughput.py --shape llama3-8b --requests 256 \
     --prompt-len 512 --output-len 128 --out "$OUT/engine_throughput.json"

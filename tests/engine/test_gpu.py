@@ -79,3 +79,14 @@ def test_bf16_tiers_equal_stateless(make_engine, swap_impl):
     oracle = _gpu_engine(make_engine, "llama", cache_mode="none", num_gpu_blocks=256)
     assert run_interleaved(engine, oracle, seed=7, n_sessions=6, n_turns=4) == 24
     assert engine.cache.stats.context_tokens["cpu"] > 0 and engine.cache.stats.context_tokens["recomputed"] > 0
+
+
+def test_decode_graphs_equal_eager(make_engine):
+    """Decode steps replayed from CUDA graphs (padded batches, a fixed split count) give the
+    tokens of eager steps. float32, so that the two summation orders cannot flip a token."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(5)]  # 5 sequences: padded to a graph of 8
+    graphs = make_engine("llama", device="cuda", dtype="float32", max_num_seqs=16)
+    eager = make_engine("llama", device="cuda", dtype="float32", max_num_seqs=16, cuda_graphs=False)
+    assert graphs.runner.graphs is not None and 8 in graphs.runner.graphs.graphs
+    assert graphs.generate(prompts, params) == eager.generate(prompts, params)

@@ -37,6 +37,24 @@ ANY_OWNER = object()  # get_session/delete_session without an ownership check (i
 
 
 @dataclass
+class StepInfo:
+    """What the last step computed (benchmarks and metrics read it)."""
+
+    tokens: int          # query tokens through the model
+    seqs: int            # chunks (a request recomputing dropped tokens counts twice)
+    decode_only: bool    # every chunk is one new token
+    context: int         # keys attended in all, summed over chunks (KV tokens read)
+    pairs: int           # causal (query, key) pairs: the attention work
+
+    @classmethod
+    def of(cls, sched: SchedulerOutput) -> "StepInfo":
+        chunks = sched.chunks
+        context = sum(c.start + c.num_tokens for c in chunks)
+        pairs = sum(c.num_tokens * c.start + c.num_tokens * (c.num_tokens + 1) // 2 for c in chunks)
+        return cls(sched.num_batched_tokens, len(chunks), all(c.num_tokens == 1 for c in chunks), context, pairs)
+
+
+@dataclass
 class EngineStats:
     """Monotonic counters (the server exports them as Prometheus metrics)."""
 
@@ -75,6 +93,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        self.last_step: StepInfo | None = None
         self._ids = itertools.count()
         log.info("engine ready: %s on %s (%s), %d GPU-tier + %d CPU-tier blocks of %d tokens (%.2f MiB each), "
                  "max_model_len %d, cache mode %s, eviction %s (cost: %s)",
@@ -162,6 +181,7 @@ class LLMEngine:
             return []
         logits = self.runner.execute(sched)
         self.cache.finish_step()
+        self.last_step = StepInfo.of(sched)
         if logits is None:
             return []
         return self._update(sched, logits)
@@ -287,7 +307,7 @@ class LLMEngine:
         params = req.params
         reason = None
         stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
-        if not stop_token:
+        if not stop_token and (params.detokenize or params.stop):
             req.output_text += req.detokenizer.step(req.token_ids)
         if stop_token:
             reason = "stop"

@@ -23,6 +23,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    detokenize: bool = True  # False: token ids only (stop strings still need text and turn it back on)
 
     def __post_init__(self) -> None:
         def is_int(x):
@@ -73,7 +74,7 @@ class Sampler:
         logits = logits.float()
         tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
+        if random_rows:  # greedy batches (the common serving case) skip all of this
             rows = torch.tensor(random_rows, device=logits.device)
             sub = logits.index_select(0, rows)
             temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)

@@ -1,0 +1,252 @@
+"""Engine speed against its roofline (issue "Engine speed"), one part per call:
+
+    python bench/engine_speed.py engine --out engine.json     # ceilings, start-up, batches, per-step times
+    python bench/engine_speed.py hf --out hf.json             # transformers' continuous batching, 64 x (1240 + 200)
+    python bench/engine_speed.py http --out http.json         # 256 streaming clients against `serve`
+    python bench/engine_speed.py merge engine.json hf.json http.json --out engine_speed.json
+
+Every part runs the Llama-3-8B shape with dummy bf16 weights (bench/shapes.py).
+
+Roofline of a batch of N requests x (P prompt + O output tokens), with the
+copy bandwidth C and the bf16 matmul rate M measured in the same run:
+
+    prefill:  N * P tokens x 2 FLOP per weight of the decoder layers (the
+              embedding table is a lookup and the LM head runs on the last
+              position only), plus causal attention 2 * 2 * L * H * D per
+              (query, key) pair: seconds = FLOPs / M;
+    decode:   O - 1 steps (the first token comes out of the prefill); step i
+              reads every weight but the embedding table once and the KV of
+              N * (P + i) tokens: seconds = bytes / C.
+    roofline_seconds = prefill + decode.
+
+A decode step's floor is its bytes over C; a prefill step's rate is its FLOPs
+over its time. Steps are timed on the host around `engine.step()`, which ends
+in a device sync (the sampled token ids are read back).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes import shape_checkpoint  # noqa: E402
+
+BATCHES = [(64, 1240, 200), (256, 512, 128), (1, 1240, 64)]
+HF_BATCH = (64, 1240, 200)
+HTTP_BATCH = (256, 512, 128)
+
+
+# ----------------------------------------------------------------------------- model arithmetic
+def model_numbers(cfg: dict) -> dict:
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = h // heads
+    per_layer = h * (heads + 2 * kv_heads) * d + heads * d * h + 3 * h * inter
+    layer_params = layers * per_layer
+    vocab = cfg["vocab_size"]
+    return dict(layer_params=layer_params, head_params=vocab * h, layers=layers, heads=heads, head_dim=d,
+                kv_bytes_per_token=2 * layers * kv_heads * d * 2, weight_bytes=2 * (layer_params + vocab * h))
+
+
+def prefill_flops(m: dict, tokens: int, pairs: int) -> float:
+    return 2 * m["layer_params"] * tokens + 4 * m["layers"] * m["heads"] * m["head_dim"] * pairs
+
+
+def roofline(m: dict, ceil: dict, n: int, p: int, o: int) -> dict:
+    pairs = n * p * (p + 1) // 2
+    pre = prefill_flops(m, n * p, pairs) / (ceil["matmul_TFLOPs"] * 1e12)
+    dec = sum(m["weight_bytes"] + n * (p + i) * m["kv_bytes_per_token"] for i in range(1, o)) / (ceil["copy_TBps"] * 1e12)
+    return dict(prefill_s=pre, decode_s=dec, total_s=pre + dec)
+
+
+# ----------------------------------------------------------------------------- parts
+def part_engine(args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernels import measure_ceilings
+    from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
+
+    dev = torch.device("cuda")
+    ceil = measure_ceilings(dev, smoke=False)
+    print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    torch.cuda.empty_cache()
+    model = shape_checkpoint("llama3-8b", args.workdir)
+    t0 = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=model, load_format="dummy", cache_mode="none",
+                                    max_num_batched_tokens=4096, max_num_seqs=256))
+    startup = time.perf_counter() - t0
+    print(f"start-up {startup:.1f} s ({engine.num_gpu_blocks} GPU blocks)", flush=True)
+    m = model_numbers(engine.model_config)
+    vocab = engine.model_config["vocab_size"]
+    rng = random.Random(0)
+    runs = []
+    for n, p, o in BATCHES:
+        prompts = [[rng.randrange(vocab) for _ in range(p)] for _ in range(n)]
+        params = SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, detokenize=False)
+        steps = []
+        t0 = time.perf_counter()
+        for prompt in prompts:
+            engine.add_request(prompt, params)
+        while engine.has_unfinished():
+            s0 = time.perf_counter()
+            engine.step()
+            info = engine.last_step
+            steps.append((time.perf_counter() - s0, dict(decode_only=info.decode_only, seqs=info.seqs,
+                                                         tokens=info.tokens, context=info.context,
+                                                         pairs=info.pairs)))
+        seconds = time.perf_counter() - t0
+        runs.append(summarize(m, ceil, n, p, o, seconds, steps))
+        print(json.dumps(runs[-1]), flush=True)
+    return dict(ceilings=ceil, startup_seconds=startup, gpu_blocks=engine.num_gpu_blocks,
+                cuda_graphs=engine.runner.graphs is not None, runs=runs)
+
+
+def summarize(m, ceil, n, p, o, seconds, steps) -> dict:
+    decode = [(t, s) for t, s in steps if s["decode_only"]]
+    prefill = [(t, s) for t, s in steps if not s["decode_only"]]
+
+    def ms_stats(items):
+        ms = [t * 1e3 for t, _ in items]
+        return dict(median=statistics.median(ms), max=max(ms), count=len(ms)) if ms else None
+
+    def over_2x(items):
+        if not items:
+            return 0
+        med = statistics.median(t for t, _ in items)
+        return sum(1 for t, _ in items if t > 2 * med)
+
+    full = [(t, s) for t, s in decode if s["seqs"] == n]
+    floors = [t / ((m["weight_bytes"] + s["context"] * m["kv_bytes_per_token"]) / (ceil["copy_TBps"] * 1e12))
+              for t, s in full]
+    big = [(t, s) for t, s in prefill if s["tokens"] >= 4096]
+    rates = [prefill_flops(m, s["tokens"], s["pairs"]) / t / 1e12 for t, s in big]
+    roof = roofline(m, ceil, n, p, o)
+    return dict(requests=n, prompt_len=p, output_len=o, seconds=seconds, roofline_seconds=roof["total_s"],
+                roofline=roof, ratio=seconds / roof["total_s"],
+                decode_step_ms=ms_stats(decode), prefill_step_ms=ms_stats(prefill),
+                steps_over_2x_median=over_2x(decode) + over_2x(prefill),
+                full_decode_step_over_floor=statistics.median(floors) if floors else None,
+                prefill_4096_pct_matmul=100 * statistics.median(rates) / ceil["matmul_TFLOPs"] if rates else None,
+                steps=len(steps))
+
+
+def part_hf(args) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.generation import GenerationConfig
+
+    model_dir = shape_checkpoint("llama3-8b", args.workdir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa_paged").eval()
+    n, p, o = HF_BATCH
+    rng = random.Random(0)
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(p)] for _ in range(n)]
+    gen = GenerationConfig(max_new_tokens=o, min_new_tokens=o, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=prompts[:4], generation_config=GenerationConfig(
+        max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0), progress_bar=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(r.generated_tokens) for r in out.values())
+    print(f"transformers continuous batching: {seconds:.1f} s, {tokens} tokens", flush=True)
+    return dict(transformers_cb_seconds=seconds, transformers_cb_tokens=tokens)
+
+
+def part_http(args) -> dict:
+    import aiohttp
+
+    model = shape_checkpoint("llama3-8b", args.workdir)
+    port = 18000 + os.getpid() % 1000
+    server = subprocess.Popen([sys.executable, "-m", "pensieve.engine", "serve", "--model", model,
+                               "--load-format", "dummy", "--cache-mode", "none", "--max-num-batched-tokens", "4096",
+                               "--max-num-seqs", "256", "--max-waiting-requests", "1024", "--port", str(port)])
+    n, p, o = HTTP_BATCH
+    try:
+        result = asyncio.run(_http_load(port, n, p, o))
+    finally:
+        server.terminate()
+        server.wait(60)
+    print(f"http: {result}", flush=True)
+    return result
+
+
+async def _http_load(port: int, n: int, p: int, o: int) -> dict:
+    import aiohttp
+
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900),
+                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+        for _ in range(900):
+            try:
+                async with http.get(base + "/ready") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(1)
+        rng = random.Random(1)
+        vocab = 128256
+
+        async def one(prompt):
+            body = dict(model="llama3-8b", prompt=prompt, max_tokens=o, temperature=0, ignore_eos=True, stream=True)
+            got = 0
+            async with http.post(base + "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        got += 1
+            return got
+
+        await asyncio.gather(*(one([rng.randrange(vocab) for _ in range(16)]) for _ in range(8)))  # warm
+        prompts = [[rng.randrange(vocab) for _ in range(p)] for _ in range(n)]
+        t0 = time.perf_counter()
+        events = await asyncio.gather(*(one(pr) for pr in prompts))
+        seconds = time.perf_counter() - t0
+    return dict(http_seconds=seconds, http_output_tokens_per_s=n * o / seconds, http_stream_events=sum(events))
+
+
+def merge(paths: list[str]) -> dict:
+    result: dict = {}
+    for path in paths:
+        if Path(path).is_file():
+            result.update(json.loads(Path(path).read_text()))
+    runs = result.get("runs", [])
+    for run in runs:
+        if (run["requests"], run["prompt_len"], run["output_len"]) == HF_BATCH and "transformers_cb_seconds" in result:
+            run["transformers_cb_seconds"] = result["transformers_cb_seconds"]
+            run["speedup_vs_transformers_cb"] = result["transformers_cb_seconds"] / run["seconds"]
+        if (run["requests"], run["prompt_len"], run["output_len"]) == HTTP_BATCH and "http_seconds" in result:
+            inproc = run["requests"] * run["output_len"] / run["seconds"]
+            result["http_vs_inprocess"] = result["http_output_tokens_per_s"] / inproc
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("part", choices=["engine", "hf", "http", "merge"])
+    ap.add_argument("inputs", nargs="*")
+    ap.add_argument("--workdir", default="/tmp/pensieve-bench")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.part == "merge":
+        result = merge(args.inputs)
+    else:
+        result = {"engine": part_engine, "hf": part_hf, "http": part_http}[args.part](args)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
