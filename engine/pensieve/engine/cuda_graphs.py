@@ -43,7 +43,10 @@ class DecodeGraphs:
         # memory that the previous step's copy may still be reading.
         self.staging = [torch.zeros(n, dtype=torch.int32).pin_memory() for _ in range(2)]
         self.turn = 0
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # batch -> (graph, its logits output, its attention metadata). The metadata holds
+        # the launch plan's device tensors, which the graph reads at every replay:
+        # they must live as long as the graph.
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]] = {}
         self.pool = None
         self.pool_bytes = 0
 
@@ -104,7 +107,7 @@ class DecodeGraphs:
                 logits = self._forward(v, meta)
             if self.pool is None:
                 self.pool = graph.pool()
-            self.graphs[batch] = (graph, logits)
+            self.graphs[batch] = (graph, logits, meta)
         torch.cuda.synchronize()
         self.pool_bytes = torch.cuda.memory_reserved() - before
         log.info("captured %d decode graphs (batch sizes %s) in %.1f s, %.0f MiB",
@@ -113,7 +116,7 @@ class DecodeGraphs:
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Replay the graph of ``inputs.num_tokens`` rows (inputs padded to a captured size).
         Returns float32 logits of every row (padding rows included)."""
-        graph, logits = self.graphs[inputs.num_tokens]
+        graph, logits, _ = self.graphs[inputs.num_tokens]
         n = inputs.packed.size
         host = self.staging[self.turn]
         self.turn ^= 1
