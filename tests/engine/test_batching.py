@@ -59,10 +59,8 @@ def test_chunked_prefill_splits_long_prompt(make_engine):
     rid = engine.add_request(_prompts(2, [50])[0], GREEDY)
     sizes = []
     while engine.has_unfinished():
-        sched = engine.scheduler.schedule()
-        sizes.append(sched.num_batched_tokens)
-        logits = engine.runner.execute(sched)
-        engine._update(sched, logits)
+        engine.step()
+        sizes.append(engine.last_step.tokens)
     assert sizes[:4] == [16, 16, 16, 2] and all(s == 1 for s in sizes[4:])
     assert rid not in engine.requests
 

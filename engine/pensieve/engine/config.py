@@ -52,6 +52,9 @@ class EngineConfig:
     swap_impl: str = opt("auto", "CPU<->GPU block copies on CUDA: kernel (one launch per layer, the GPU reads and "
                                  "writes pinned host memory directly), dma (one copy per run of adjacent blocks); "
                                  "auto: kernel", ("auto", "kernel", "dma"))
+    async_scheduling: str = opt("auto", "schedule and prepare the next step while the device runs this one "
+                                        "(sampled tokens stay on the device); auto: on with CUDA",
+                                ("auto", "on", "off"))
     cuda_graphs: bool = opt(True, "replay decode steps from CUDA graphs captured at start-up (CUDA only)")
     session_idle_timeout: float = opt(3600.0, "seconds after which an idle session (its cache and history) is "
                                               "forgotten; 0 keeps sessions until they are deleted")

@@ -21,7 +21,7 @@ import torch
 from pensieve.kernels import decode_graph_plan
 
 from .models import AttentionMetadata
-from .step_inputs import StepInputs, packed_size, split_views
+from .step_inputs import StepInputs, packed_size, resolve_placeholders, split_views
 
 log = logging.getLogger("pensieve.engine")
 
@@ -113,7 +113,7 @@ class DecodeGraphs:
         log.info("captured %d decode graphs (batch sizes %s) in %.1f s, %.0f MiB",
                  len(self.graphs), ",".join(map(str, self.sizes)), time.perf_counter() - t0, self.pool_bytes / 2**20)
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
+    def run(self, inputs: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the graph of ``inputs.num_tokens`` rows (inputs padded to a captured size).
         Returns float32 logits of every row (padding rows included)."""
         graph, logits, _ = self.graphs[inputs.num_tokens]
@@ -122,6 +122,8 @@ class DecodeGraphs:
         self.turn ^= 1
         host[:n].numpy()[:] = inputs.packed
         self.buf[:n].copy_(host[:n], non_blocking=True)
+        if inputs.has_placeholders:
+            resolve_placeholders(self.buf[:inputs.num_tokens], prev_tokens)
         graph.replay()
         return logits
 

@@ -55,6 +55,26 @@ class StepInfo:
 
 
 @dataclass
+class InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    rows: list[tuple[Request, int]]      # (request, position of its placeholder), in sample order
+    tokens: torch.Tensor                 # sampled ids on the device (the next step reads them there)
+    host: torch.Tensor                   # their copy on the host (pinned on CUDA), valid after event
+    event: object | None                 # CUDA event recorded after the copy (None on CPU)
+
+
+def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, object | None]:
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+@dataclass
 class EngineStats:
     """Monotonic counters (the server exports them as Prometheus metrics)."""
 
@@ -94,6 +114,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.last_step: StepInfo | None = None
+        self.inflight: InFlight | None = None
+        self.async_scheduling = config.async_scheduling == "on" or (
+            config.async_scheduling == "auto" and self.device.type == "cuda")
         self._ids = itertools.count()
         log.info("engine ready: %s on %s (%s), %d GPU-tier + %d CPU-tier blocks of %d tokens (%.2f MiB each), "
                  "max_model_len %d, cache mode %s, eviction %s (cost: %s)",
@@ -174,17 +197,20 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """One scheduler step: schedule -> run -> update. Returns the outputs of this step."""
+        """One scheduler step: schedule -> launch -> collect. Returns the outputs collected.
+
+        With asynchronous scheduling (CUDA by default) the step launched here is
+        collected by the next call: its sampled tokens stay on the device, where
+        the next step reads them, and the host schedules and prepares that next
+        step while the GPU still computes this one. Without it, a step is
+        collected at once (same code, no overlap)."""
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
-        if sched.is_empty:
-            return []
-        logits = self.runner.execute(sched)
-        self.cache.finish_step()
-        self.last_step = StepInfo.of(sched)
-        if logits is None:
-            return []
-        return self._update(sched, logits)
+        launched = None if sched.is_empty else self._launch(sched)
+        done, self.inflight = self.inflight, launched
+        if not self.async_scheduling:
+            done, self.inflight = launched, None
+        return self._collect(done) if done is not None else []
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion; returns each one's output token ids."""
@@ -280,35 +306,57 @@ class LLMEngine:
             raise InvalidRequestError("prompt is empty", "prompt")
         return ids
 
-    def _update(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+    def _launch(self, sched: SchedulerOutput) -> InFlight | None:
+        """Run a step and sample on the device, without waiting. Each sampling request
+        gets a placeholder token (-1 - its row in this step's samples) that the next
+        step's inputs resolve on the device and the collection fills in."""
+        prev = self.inflight.tokens if self.inflight is not None else None
+        logits = self.runner.execute(sched, prev_tokens=prev)
+        self.cache.finish_step()
+        self.last_step = StepInfo.of(sched)
+        if logits is None:
+            return None
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_batched_tokens
-        sampling = [c for c in sched.chunks if c.samples]
-        tokens = self.sampler(logits, [c.request.params for c in sampling], [c.request.generator for c in sampling])
+        sampling = [c.request for c in sched.chunks if c.samples]
+        tokens = self.sampler.sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
         for chunk in sched.chunks:
             if chunk.recompute:
                 chunk.request.recompute_pos += chunk.num_tokens
             else:
                 chunk.request.num_computed_tokens += chunk.num_tokens
+        rows = []
+        for j, req in enumerate(sampling):
+            req.token_ids.append(-1 - j)
+            req.num_pending += 1
+            rows.append((req, len(req.token_ids) - 1))
+        return InFlight(rows, tokens, *_to_host(tokens))
+
+    def _collect(self, step: InFlight) -> list[RequestOutput]:
+        """Wait for a launched step's tokens; fill in the placeholders; emit outputs."""
+        if step.event is not None:
+            step.event.synchronize()
         outputs = []
         now = time.monotonic()
-        for chunk, token in zip(sampling, tokens):
-            req = chunk.request
-            if req.num_output_tokens == 0 and req.first_token_time is None:
+        for (req, pos), token in zip(step.rows, step.host.tolist()):
+            if req.status is RequestStatus.FINISHED:  # finished or aborted while this step ran
+                continue
+            req.token_ids[pos] = token
+            req.num_pending -= 1
+            if req.first_token_time is None:
                 req.first_token_time = now
                 self.stats.prompt_tokens += req.num_prompt_tokens
                 self.stats.cached_prompt_tokens += req.num_cached_tokens
-            req.token_ids.append(token)
             self.stats.generation_tokens += 1
-            outputs.append(self._emit(req, token))
+            outputs.append(self._emit(req, token, pos))
         return outputs
 
-    def _emit(self, req: Request, token: int) -> RequestOutput:
+    def _emit(self, req: Request, token: int, pos: int) -> RequestOutput:
         params = req.params
         reason = None
         stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
         if not stop_token and (params.detokenize or params.stop):
-            req.output_text += req.detokenizer.step(req.token_ids)
+            req.output_text += req.detokenizer.step(req.token_ids[:pos + 1])
         if stop_token:
             reason = "stop"
         elif params.stop:
@@ -316,7 +364,7 @@ class LLMEngine:
             if hit is not None:
                 req.output_text = req.output_text[:hit]
                 reason = "stop"
-        if reason is None and (req.num_output_tokens >= req.max_tokens):
+        if reason is None and pos + 1 - req.num_prompt_tokens >= req.max_tokens:
             reason = "length"
         # Hold back a tail that could still grow into a stop string.
         release = len(req.output_text) if reason else len(req.output_text) - _stop_prefix_len(req.output_text, params.stop)
@@ -328,6 +376,9 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str, new_token_ids=(), new_text: str = "") -> RequestOutput:
         self.scheduler.remove(req)
+        if req.num_pending:  # the placeholder of a step still running: its token is not wanted
+            del req.token_ids[len(req.token_ids) - req.num_pending:]
+            req.num_pending = 0
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         if not new_text and req.emitted_text_len < len(req.output_text) and reason != "abort":

@@ -99,10 +99,14 @@ class Request:
     output_text: str = ""
     emitted_text_len: int = 0
     first_token_time: float | None = None
+    # Trailing placeholders in token_ids: tokens sampled by a step still running
+    # (asynchronous scheduling). The scheduler counts them as known tokens.
+    num_pending: int = 0
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Output tokens the host has (placeholders excluded)."""
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -16,7 +16,7 @@ from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs, staged_copy
 from .models import AttentionMetadata
 from .scheduler import SchedulerOutput
-from .step_inputs import StepInputs, build_step_inputs
+from .step_inputs import StepInputs, build_step_inputs, resolve_placeholders
 
 log = logging.getLogger("pensieve.engine")
 
@@ -206,16 +206,18 @@ class ModelRunner:
         self.swapper.ahead_done = None
 
     # ---------------------------------------------------------------- step
-    def prepare(self, out: SchedulerOutput, pad_to: int | None = None) -> tuple[StepInputs, dict, AttentionMetadata]:
+    def prepare(self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
+                ) -> tuple[StepInputs, dict, AttentionMetadata]:
         """Pack the step on the host and copy it to the device in one transfer."""
-        width = self.graphs.width if pad_to is not None else None
-        inputs = build_step_inputs(out, self.block_size, pad_to=pad_to, width=width)
+        inputs = build_step_inputs(out, self.block_size)
         if self.device.type == "cuda":
             buf = staged_copy(inputs.packed, self.staging, self.turn, self.device)
             self.turn ^= 1
         else:
             buf = torch.from_numpy(inputs.packed)
         v = inputs.device_views(buf)
+        if inputs.has_placeholders:
+            resolve_placeholders(v["input_ids"], prev_tokens)
         meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
                                  impl=self.kernel_impl)
         if self.uses_triton:
@@ -233,9 +235,12 @@ class ModelRunner:
         return self.graphs.batch_size_for(len(out.chunks))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, all_logits: bool = False) -> torch.Tensor | None:
+    def execute(self, out: SchedulerOutput, all_logits: bool = False,
+                prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run one step: the swaps it plans and its forward pass. Returns float32
-        logits of the sampling rows, in chunk order (every token's when ``all_logits``)."""
+        logits of the sampling rows, in chunk order (every token's when ``all_logits``).
+        ``prev_tokens``: the previous step's sampled ids, on the device (input ids
+        that are placeholders are read from there)."""
         swaps = out.swaps
         has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
         blocking = bool(swaps.swap_in or swaps.swap_out)  # layers must wait for these copies
@@ -252,9 +257,9 @@ class ModelRunner:
         graph_batch = self._graph_batch(out, blocking, all_logits)
         if graph_batch is not None:
             inputs = build_step_inputs(out, self.block_size, pad_to=graph_batch, width=self.graphs.width)
-            logits = self.graphs.run(inputs)[:len(out.chunks)]
+            logits = self.graphs.run(inputs, prev_tokens)[:len(out.chunks)]
         else:
-            inputs, v, meta = self.prepare(out)
+            inputs, v, meta = self.prepare(out, prev_tokens)
             if blocking:
                 meta.wait_for_layer = self.swapper.wait_for_layer
             hidden = self.model(v["input_ids"], v["positions"], meta, self.kv_caches)

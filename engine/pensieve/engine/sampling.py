@@ -71,6 +71,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
+        return self.sample(logits, params, generators).tolist()
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One token id per row, as an int64 tensor on the logits' device (no host sync)."""
         logits = logits.float()
         tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -84,7 +89,7 @@ class Sampler:
             probs = torch.softmax(sub, dim=-1)
             for j, i in enumerate(random_rows):
                 tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
-        return tokens.tolist()
+        return tokens
 
 
 def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:

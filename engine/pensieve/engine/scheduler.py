@@ -84,6 +84,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending and len(req.token_ids) - req.num_prompt_tokens >= req.max_tokens:
+                i += 1  # its last token is being sampled by the step in flight: it ends when collected
+                continue
             recompute, new = self._split(req, req.recompute_end - req.recompute_pos,
                                          len(req.token_ids) - req.num_computed_tokens, budget)
             if self.cache.grow(req, req.num_computed_tokens + new):

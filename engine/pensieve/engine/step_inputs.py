@@ -33,6 +33,7 @@ class StepInputs:
     seg_q_start: np.ndarray     # views into packed (the attention plan is built from these on the host)
     seg_pos_start: np.ndarray
     is_decode: bool             # every segment is one new token that samples
+    has_placeholders: bool      # some input ids are -1 - row of the previous step's samples
 
     def device_views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Slices of a device copy of ``packed`` (same layout)."""
@@ -111,5 +112,16 @@ def build_step_inputs(out: SchedulerOutput, block_size: int, pad_to: int | None 
     v["seg_q_start"][:] = q_start
     v["seg_pos_start"][:n_seg] = starts
     sample_rows = [int(q_start[i + 1]) - 1 for i, c in enumerate(chunks) if c.samples]
-    return StepInputs(packed, t, s, w, sample_rows, v["seg_q_start"], v["seg_pos_start"], is_decode)
+    has_placeholders = bool((v["input_ids"][:n_tok] < 0).any())
+    return StepInputs(packed, t, s, w, sample_rows, v["seg_q_start"], v["seg_pos_start"], is_decode,
+                      has_placeholders)
+
+
+def resolve_placeholders(input_ids: torch.Tensor, prev_tokens: torch.Tensor | None) -> None:
+    """In place, on the device: an input id ``-1 - j`` becomes ``prev_tokens[j]``, the token
+    the previous step sampled in row j (asynchronous scheduling: the host has not read it)."""
+    if prev_tokens is None:
+        raise RuntimeError("step inputs hold placeholders but no previous step's tokens were given")
+    rows = (-1 - input_ids).clamp_(0, prev_tokens.numel() - 1)
+    input_ids.copy_(torch.where(input_ids < 0, prev_tokens.to(input_ids.dtype).index_select(0, rows), input_ids))
 
