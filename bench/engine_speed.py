@@ -20,8 +20,11 @@ copy bandwidth C and the bf16 matmul rate M measured in the same run:
     roofline_seconds = prefill + decode.
 
 A decode step's floor is its bytes over C; a prefill step's rate is its FLOPs
-over its time. Steps are timed on the host around `engine.step()`, which ends
-in a device sync (the sampled token ids are read back).
+over its time. Steps are timed on the host around `engine.step()`; with
+asynchronous scheduling a call launches one step and collects the one before,
+so each call's time is counted for the step it collected (the one it waited
+for). `decode_wait_ms_median` is how long the host waited for a decode step's
+tokens: near 0 means the host, not the GPU, sets the pace.
 """
 from __future__ import annotations
 
@@ -98,11 +101,14 @@ def part_engine(args) -> dict:
             engine.add_request(prompt, params)
         while engine.has_unfinished():
             s0 = time.perf_counter()
+            before = engine.last_step
             engine.step()
             info = engine.last_step
+            if info is None or info is before:
+                continue  # nothing collected by this call (the first launch of a batch)
             steps.append((time.perf_counter() - s0, dict(decode_only=info.decode_only, seqs=info.seqs,
                                                          tokens=info.tokens, context=info.context,
-                                                         pairs=info.pairs)))
+                                                         pairs=info.pairs, wait=info.wait_s)))
         seconds = time.perf_counter() - t0
         runs.append(summarize(m, ceil, n, p, o, seconds, steps))
         print(json.dumps(runs[-1]), flush=True)
@@ -136,6 +142,7 @@ def summarize(m, ceil, n, p, o, seconds, steps) -> dict:
                 steps_over_2x_median=over_2x(decode) + over_2x(prefill),
                 full_decode_step_over_floor=statistics.median(floors) if floors else None,
                 prefill_4096_pct_matmul=100 * statistics.median(rates) / ceil["matmul_TFLOPs"] if rates else None,
+                decode_wait_ms_median=statistics.median(s["wait"] * 1e3 for _, s in decode) if decode else None,
                 steps=len(steps))
 
 

@@ -38,13 +38,14 @@ ANY_OWNER = object()  # get_session/delete_session without an ownership check (i
 
 @dataclass
 class StepInfo:
-    """What the last step computed (benchmarks and metrics read it)."""
+    """What the step collected last computed (benchmarks and metrics read it)."""
 
     tokens: int          # query tokens through the model
     seqs: int            # chunks (a request recomputing dropped tokens counts twice)
     decode_only: bool    # every chunk is one new token
     context: int         # keys attended in all, summed over chunks (KV tokens read)
     pairs: int           # causal (query, key) pairs: the attention work
+    wait_s: float = 0.0  # host time spent waiting for this step's tokens (0: the host was the bottleneck)
 
     @classmethod
     def of(cls, sched: SchedulerOutput) -> "StepInfo":
@@ -58,6 +59,7 @@ class StepInfo:
 class InFlight:
     """A launched step whose sampled tokens the host has not read yet."""
 
+    info: StepInfo
     rows: list[tuple[Request, int]]      # (request, position of its placeholder), in sample order
     tokens: torch.Tensor                 # sampled ids on the device (the next step reads them there)
     host: torch.Tensor                   # their copy on the host (pinned on CUDA), valid after event
@@ -313,7 +315,6 @@ class LLMEngine:
         prev = self.inflight.tokens if self.inflight is not None else None
         logits = self.runner.execute(sched, prev_tokens=prev)
         self.cache.finish_step()
-        self.last_step = StepInfo.of(sched)
         if logits is None:
             return None
         self.stats.steps += 1
@@ -330,12 +331,15 @@ class LLMEngine:
             req.token_ids.append(-1 - j)
             req.num_pending += 1
             rows.append((req, len(req.token_ids) - 1))
-        return InFlight(rows, tokens, *_to_host(tokens))
+        return InFlight(StepInfo.of(sched), rows, tokens, *_to_host(tokens))
 
     def _collect(self, step: InFlight) -> list[RequestOutput]:
         """Wait for a launched step's tokens; fill in the placeholders; emit outputs."""
         if step.event is not None:
+            t0 = time.perf_counter()
             step.event.synchronize()
+            step.info.wait_s = time.perf_counter() - t0
+        self.last_step = step.info
         outputs = []
         now = time.monotonic()
         for (req, pos), token in zip(step.rows, step.host.tolist()):
