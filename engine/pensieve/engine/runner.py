@@ -3,12 +3,11 @@ into one forward pass and returns the logits of the rows that sample."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
-from pensieve.kernels import prepare_paged_attention, swap_blocks
+from pensieve.kernels import prepare_paged_attention, resolve_impl, swap_blocks
 
 from .checkpoint import load_model
 from .config import EngineConfig
@@ -31,15 +30,13 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = self.model.num_kv_heads, self.model.head_dim
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.attention_impl = config.attention_impl
         self.num_heads = model_cfg["num_attention_heads"]
-        forced = os.environ.get("PENSIEVE_KERNELS", "auto").strip().lower()
-        self.uses_triton = config.attention_impl == "triton" or (
-            config.attention_impl == "auto" and forced != "ref" and (device.type == "cuda" or forced == "triton"))
-        if self.uses_triton and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        try:  # decided once here ("triton" or "ref") and passed down to every kernel call
+            self.attention_impl = resolve_impl(config.attention_impl, device)
+        except ValueError as e:
             from .errors import InvalidRequestError
-            raise InvalidRequestError("Triton kernels on a CPU run only in the interpreter: set TRITON_INTERPRET=1 "
-                                      "or use --attention-impl ref", "attention_impl")
+            raise InvalidRequestError(str(e), "attention_impl") from None
+        self.uses_triton = self.attention_impl == "triton"
         self.swapper: Swapper | None = None
 
     @property

@@ -27,7 +27,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     seg_q_start: torch.Tensor
     seg_pos_start: torch.Tensor
-    impl: str = "auto"
+    impl: str  # "triton" or "ref": resolved once by the runner (pensieve.kernels.resolve_impl)
     wait_for_layer: Callable[[int], None] | None = None
     kernel_plan: object | None = None  # the Triton kernel's launch plan, built once per step
 
