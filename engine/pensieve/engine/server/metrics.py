@@ -30,16 +30,6 @@ from .snapshot import CONTEXT_SOURCES, EngineSnapshot
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
-CONTRACT_NAMES = (
-    "pensieve_num_requests_running", "pensieve_num_requests_waiting", "pensieve_num_requests_swapped",
-    "pensieve_gpu_cache_usage_ratio", "pensieve_cpu_cache_usage_ratio", "pensieve_gpu_cache_blocks",
-    "pensieve_cpu_cache_blocks", "pensieve_sessions_active",
-    "pensieve_prompt_tokens_total", "pensieve_generation_tokens_total", "pensieve_context_tokens_total",
-    "pensieve_swap_bytes_total", "pensieve_evicted_tokens_total", "pensieve_requests_total",
-    "pensieve_time_to_first_token_seconds", "pensieve_inter_token_latency_seconds",
-    "pensieve_request_latency_seconds", "pensieve_cache_config_info",
-)
-
 
 class _EngineCollector:
     def __init__(self, get_snapshot):
