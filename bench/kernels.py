@@ -29,9 +29,7 @@ Baselines:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -42,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 from pensieve.kernels import paged_attention, prepare_paged_attention  # noqa: E402
 from pensieve.kernels.triton_attention import GPU_CONFIG, TileConfig  # noqa: E402
@@ -344,26 +344,18 @@ def variants_for(smoke):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap = harness.parser(__doc__, shape=False, workdir=False, out_required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter allowed")
     ap.add_argument("--only", default="", help="comma-separated shape names")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     torch.manual_seed(0)
-    env = {
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "command": " ".join(sys.argv),
-        "default_gpu_config": GPU_CONFIG.__dict__,
-    }
     try:
-        import triton
-
-        env["triton"] = triton.__version__
+        import triton  # noqa: F401  (its version goes into the result)
     except ImportError:
         pass
+    env = {"default_gpu_config": GPU_CONFIG.__dict__}
     ceil = measure_ceilings(dev, args.smoke)
     print("ceilings:", ceil, flush=True)
     results = {"env": env, "ceilings": ceil, "shapes": []}
@@ -375,8 +367,7 @@ def main():
         r = run_shape(name, segs, dev, dtype, ceil, args.smoke, variants_for(args.smoke))
         r["wall_s"] = time.time() - t0
         results["shapes"].append(r)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        harness.write_result(results, args.out, echo=False, device=str(dev))  # after each shape: partial runs count
         print(f"[{name}] done in {r['wall_s']:.0f}s", flush=True)
     print_table(results)
 

@@ -1,4 +1,4 @@
-"""Multi-turn chat load generator over HTTP (design.md, "Performance method").
+"""Multi-turn chat load generator over HTTP (docs/design.md, "Performance method").
 
 Workload (the paper's replay): sessions arrive as a Poisson process; each
 session's next turn is sent only after the previous answer arrived, after an
@@ -25,12 +25,10 @@ Several configurations back to back (the script starts and stops each server):
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import os
-import platform
 import random
 import re
 import shlex
@@ -43,6 +41,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 
 import aiohttp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 DATASETS = {  # turns per session, input tokens per turn, output tokens per turn (means)
     "sharegpt": (5.56, 37.8, 204.6),
@@ -286,7 +287,7 @@ def summarize(label: str, res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__, shape=False, workdir=False)
     tgt = p.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--url", help="a running server (one configuration)")
     tgt.add_argument("--model", help="checkpoint folder: start a server per --cache-mode, back to back")
@@ -309,22 +310,19 @@ def main(argv=None) -> int:
     p.add_argument("--log-dir", default=".")
     p.add_argument("--keep-turns", action="store_true", help="store every turn's result in the JSON")
     p.add_argument("--label", default="", help="free text stored in the JSON (what machine, what for)")
-    p.add_argument("--out", help="write the JSON here")
     args = p.parse_args(argv)
 
     plans = make_workload(args)
     mean_turns = sum(len(x.turns) for x in plans) / max(1, len(plans))
     print(f"workload: {args.sessions} sessions ({args.dataset}), {mean_turns:.2f} turns/session on average, "
           f"rate {args.rate}/s, think {args.think_time}s, time scale {args.time_scale}", file=sys.stderr)
-    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "label": args.label,
+    report = {"label": args.label,
               "workload": {k: getattr(args, k) for k in ("dataset", "sessions", "rate", "think_time", "time_scale",
                                                          "max_turns", "max_input_tokens", "max_output_tokens",
                                                          "session_mode", "seed")},
               "workload_stats": {"turns": sum(len(x.turns) for x in plans),
                                  "input_tokens": sum(t.input_tokens for x in plans for t in x.turns),
                                  "output_tokens": sum(t.output_tokens for x in plans for t in x.turns)},
-              "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count()},
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "configs": []}
     if args.url:
         args.url = args.url.rstrip("/")
@@ -347,11 +345,7 @@ def main(argv=None) -> int:
             print(summarize(mode, res))
             report["configs"].append({"cache_mode": mode, "server_args": args.server_args, "server_exit": rc,
                                       "results": res})
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        print(f"wrote {args.out}", file=sys.stderr)
+    harness.write_result(report, args.out, echo=False)
     return 0
 
 

@@ -6,7 +6,6 @@ torch.profiler (operators and kernels).
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import pstats
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
 from shapes import shape_checkpoint, sync as sync_engine  # noqa: E402
 
 
@@ -48,12 +48,10 @@ def profiled(name, fn, sync, rows=22):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama3-8b")
+    ap = harness.parser(__doc__, out=False)
     ap.add_argument("--history", type=int, default=4096)
     ap.add_argument("--new", type=int, default=200)
     ap.add_argument("--decodes", type=int, default=256)
-    ap.add_argument("--workdir", default="/tmp/pensieve-bench")
     args = ap.parse_args()
 
     from pensieve.engine import EngineConfig, LLMEngine, SamplingParams

@@ -7,8 +7,6 @@ Targets (issue 3): CPU-resident <= 1.3x GPU-resident and <= 0.5x recompute.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
 import sys
@@ -16,6 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
 from shapes import shape_checkpoint, sync  # noqa: E402
 
 
@@ -78,16 +77,13 @@ def link_bandwidth(engine, blocks: int, specs: list[str]) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama3-8b")
+    ap = harness.parser(__doc__)
     ap.add_argument("--history", type=int, default=4096)
     ap.add_argument("--new", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-cache-bytes", default="8Gi")
     ap.add_argument("--swap-impls", default="kernel:16,kernel:32,kernel:64,kernel:0,dma",
                     help="CPU-tier copy implementations to time (kernel:N = N programs, 0 = one per item)")
-    ap.add_argument("--workdir", default="/tmp/pensieve-bench")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     from pensieve.engine import EngineConfig, LLMEngine
@@ -128,9 +124,7 @@ def main() -> int:
                   swap_in_bytes_per_turn=args.history // engine.config.block_size * engine.runner.bytes_per_block,
                   link=link_bandwidth(engine, args.history // engine.config.block_size, impls),
                   targets=dict(cpu_over_gpu="<= 1.3", cpu_over_recompute="<= 0.5"))
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    harness.write_result(result, args.out)
     return 0
 
 

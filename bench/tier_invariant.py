@@ -14,14 +14,13 @@ logit scale, a real bug shows margins of the order of the spread.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
 from shapes import shape_checkpoint  # noqa: E402
 
 
@@ -39,8 +38,7 @@ def reference_logits(oracle, ids):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama3-8b")
+    ap = harness.parser(__doc__)
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -48,8 +46,6 @@ def main() -> int:
     ap.add_argument("--cpu-blocks", type=int, default=16)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--dtype", default="auto", help="bfloat16 (the checkpoint's) or float32 (no rounding flips)")
-    ap.add_argument("--workdir", default="/tmp/pensieve-bench")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     import torch
@@ -112,9 +108,7 @@ def main() -> int:
         engine.delete_session(sid)
     result["leaked_gpu_blocks"] = args.gpu_blocks - engine.cache.gpu.num_free
     result["leaked_cpu_blocks"] = args.cpu_blocks - engine.cache.cpu.num_free
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    harness.write_result(result, args.out)
     return 0
 
 

@@ -13,9 +13,10 @@ ARG TORCH_INDEX_URL=""
 RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"; else pip install "$TORCH_SPEC"; fi \
  && pip install -c requirements/constraints.txt transformers tokenizers safetensors triton numpy jinja2 \
         aiohttp prometheus-client huggingface_hub
+COPY common/ common/
 COPY kernels/ kernels/
 COPY engine/ engine/
-RUN pip install --no-deps ./kernels ./engine
+RUN pip install --no-deps ./common ./kernels ./engine
 USER 10001:10001
 EXPOSE 8000
 ENTRYPOINT ["python", "-m", "pensieve.engine"]

@@ -11,9 +11,10 @@ ARG TORCH_SPEC=torch==2.13.0
 RUN pip install "$TORCH_SPEC" \
  && pip install -c requirements/constraints.txt transformers tokenizers safetensors triton numpy jinja2 \
         aiohttp prometheus-client huggingface_hub
+COPY common/ common/
 COPY kernels/ kernels/
 COPY engine/ engine/
-RUN pip install --no-deps ./kernels ./engine
+RUN pip install --no-deps ./common ./kernels ./engine
 USER 10001:10001
 EXPOSE 8000
 # Flags also come from PENSIEVE_<FLAG> variables (the operator sets them from a ConfigMap).

@@ -6,8 +6,9 @@ RUN groupadd -g 10001 pensieve && useradd -u 10001 -g 10001 -m -d /home/pensieve
 WORKDIR /opt/pensieve
 COPY requirements/constraints.txt requirements/constraints.txt
 RUN pip install -c requirements/constraints.txt kopf kubernetes pyyaml aiohttp
+COPY common/ common/
 COPY operator/ operator/
-RUN pip install --no-deps ./operator
+RUN pip install --no-deps ./common ./operator
 USER 10001:10001
 EXPOSE 8080
 CMD ["python", "-m", "pensieve.operator"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment and installs the pinned
-# dependencies plus the three Pensieve distributions (editable, from this
+# dependencies plus the five Pensieve distributions (editable, from this
 # checkout). Source it: it exports PENSIEVE_PY. The venv lives under
 # ~/.cache/pensieve, keyed by the requirement files, so reruns take seconds.
 set -euo pipefail
@@ -28,7 +28,8 @@ if [ ! -f "$venv/.complete" ]; then
     touch "$venv/.complete"
 fi
 # Editable installs point at this checkout; cheap, so always refreshed.
-"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root/kernels" -e "$root/engine" -e "$root/operator" 2>/dev/null \
-    || "$venv/bin/pip" install -q --no-deps -e "$root/kernels" -e "$root/engine" -e "$root/operator"
+dists=(-e "$root/common" -e "$root/kernels" -e "$root/engine" -e "$root/router" -e "$root/operator")
+"$venv/bin/pip" install -q --no-deps --no-build-isolation "${dists[@]}" 2>/dev/null \
+    || "$venv/bin/pip" install -q --no-deps "${dists[@]}"
 export PENSIEVE_PY="$venv/bin/python"
 export PATH="$venv/bin:$PATH"

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from pensieve.engine import CheckpointError, EngineConfig, SamplingParams
+from pensieve.engine import CheckpointError, EngineConfig, InvalidRequestError, SamplingParams
 from pensieve.engine.block_pool import BlockPool
 from pensieve.engine.cache_manager import CacheManager
 from pensieve.engine.config import add_dataclass_args, dataclass_from_args
@@ -85,16 +85,14 @@ def test_sampler_greedy_and_seeded():
     assert again == tokens
 
 
-def test_config_from_cli_env_and_defaults():
+def test_config_refuses_unknown_choices_on_both_paths():
+    # Precedence (command line, environment, default) is tested once, in tests/common/test_flags.py.
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, EngineConfig)
-    args = parser.parse_args(["--model", "m", "--block-size", "16"])
-    env = {"PENSIEVE_BLOCK_SIZE": "64", "PENSIEVE_NUM_GPU_BLOCKS": "99", "PENSIEVE_CACHE_MODE": "none"}
-    cfg = dataclass_from_args(EngineConfig, args, env)
-    assert (cfg.model, cfg.block_size, cfg.num_gpu_blocks, cfg.cache_mode, cfg.max_num_batched_tokens) == \
-        ("m", 16, 99, "none", 2048)
     with pytest.raises(SystemExit):
         parser.parse_args(["--cache-mode", "bogus"])
+    with pytest.raises(InvalidRequestError, match="PENSIEVE_CACHE_MODE"):
+        dataclass_from_args(EngineConfig, parser.parse_args(["--model", "m"]), {"PENSIEVE_CACHE_MODE": "bogus"})
 
 
 def test_checkpoint_errors_name_the_file(tiny_checkpoint, tmp_path):

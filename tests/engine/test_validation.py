@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 
 from pensieve.engine import (ContextLengthExceededError, EngineConfig, InvalidRequestError, SamplingParams)
-from pensieve.engine.config import parse_bytes
 
 
 @pytest.mark.parametrize("kwargs,param", [
@@ -63,7 +62,9 @@ def test_bad_engine_config():
         EngineConfig(model="x", cpu_cache_bytes="lots")
 
 
-def test_parse_bytes():
-    assert parse_bytes("64Gi") == 64 * 2**30
-    assert parse_bytes("1.5G") == 1_500_000_000
-    assert parse_bytes("123") == 123
+def test_cpu_cache_bytes_are_kubernetes_quantities():
+    assert EngineConfig(model="x", cpu_cache_bytes="64Gi").cpu_cache_bytes_value() == 64 * 2**30
+    assert EngineConfig(model="x", cpu_cache_bytes="1.5G").cpu_cache_bytes_value() == 1_500_000_000
+    assert EngineConfig(model="x").cpu_cache_bytes_value() is None
+    with pytest.raises(InvalidRequestError, match="did you mean 64Mi or 64M"):
+        EngineConfig(model="x", cpu_cache_bytes="64m")

@@ -200,15 +200,25 @@ def test_detects_wrong_block_table(device):
         check(out, q, k, v, bt, qs, ps, 0.2)
 
 
-def test_env_forces_reference(monkeypatch, device):
+def test_impl_is_decided_once_and_never_read_from_the_environment(monkeypatch):
     import pensieve.kernels.dispatch as dispatch
+    from pensieve.kernels import resolve_impl
 
-    monkeypatch.setenv("PENSIEVE_KERNELS", "ref")
-    assert dispatch._use_triton(torch.empty(1, device=device), "auto") is False
-    assert dispatch._use_triton(torch.empty(1, device=device), "triton") is True
-    monkeypatch.setenv("PENSIEVE_KERNELS", "auto")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_impl("auto", cpu) == "ref" and resolve_impl("auto", cuda) == "triton"
+    assert resolve_impl("ref", cuda) == "ref"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("triton", cpu) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="interpreter"):
+        resolve_impl("triton", cpu)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("fast", cpu)
+    # Per call, "auto" depends on the tensor only: the old PENSIEVE_KERNELS switch is gone.
+    monkeypatch.setenv("PENSIEVE_KERNELS", "triton")
     assert dispatch._use_triton(torch.empty(1), "auto") is False
-    assert dispatch._use_triton(torch.empty(1, device=device), "ref") is False
+    assert dispatch._use_triton(torch.empty(1), "triton") is True
+    assert dispatch._use_triton(torch.empty(1), "ref") is False
 
 
 @pytest.mark.gpu

@@ -37,7 +37,7 @@ def test_quantities_and_sources():
     ({"replicas": "two"}, "spec.replicas: must be an integer"),
     ({"engine": {"cacheMode": "magic"}}, "spec.engine.cacheMode: must be one of"),
     ({"engine": {"blockSize": 48}}, "spec.engine.blockSize: must be one of [16, 32, 64]"),
-    ({"cache": {"cpuCache": "lots"}}, 'spec.cache.cpuCache: must be "auto" or a quantity'),
+    ({"cache": {"cpuCache": "lots"}}, 'spec.cache.cpuCache: must be "auto" or a whole byte quantity'),
     ({"cache": {"gpuMemoryUtilization": 1.5}}, "spec.cache.gpuMemoryUtilization: must be in"),
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas (5) must not exceed maxReplicas (2)"),
     ({"model": {"source": {}}}, "exactly one of pvc, hostPath, huggingFace"),

@@ -2,8 +2,10 @@
 (Pod-deletion cost is the operator's: tests/operator/test_deletion_cost.py.)"""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from pensieve.router.config import parse_args
 from pensieve.router.endpoints import EndpointSet
@@ -11,11 +13,29 @@ from pensieve.router.kube import SliceState
 
 
 def test_router_never_imports_torch_or_the_engine():
-    code = ("import sys, pensieve.router, pensieve.router.main, pensieve.router.kube, pensieve.router.app; "
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'pensieve.engine'))]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    # torch, the kernels and the engine are made unimportable: the router must not need them.
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'torch' or name.startswith(('pensieve.engine', 'pensieve.kernels')):\n"
+            "            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import pensieve.router, pensieve.router.main, pensieve.router.kube, pensieve.router.app\n"
+            "from pensieve.router.config import parse_args\n"
+            "parse_args(['--static-endpoints', '127.0.0.1:1'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_router_is_its_own_distribution_without_torch_or_the_engine():
+    from importlib.metadata import requires
+
+    deps = {re.split(r"[<>=\[; ]", d)[0].lower() for d in requires("pensieve-router") or []}
+    assert "pensieve-common" in deps
+    assert not deps & {"torch", "pensieve-engine", "pensieve-kernels", "triton", "transformers"}, deps
+    import pensieve.router
+
+    assert Path(pensieve.router.__file__).parts[-4:-2] == ("router", "pensieve")
 
 
 def slice_(name, rv, eps, port=8000, version="v1beta1"):

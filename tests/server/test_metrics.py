@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server_helpers import MODEL
 
-# design.md, "Metrics": names are a contract.
+# docs/design.md, "Engine metrics": names are a contract (tests/test_design_contract.py checks the document).
 GAUGES = ["pensieve_num_requests_running", "pensieve_num_requests_waiting", "pensieve_num_requests_swapped",
           "pensieve_gpu_cache_usage_ratio", "pensieve_cpu_cache_usage_ratio", "pensieve_gpu_cache_blocks",
           "pensieve_cpu_cache_blocks", "pensieve_sessions_active"]

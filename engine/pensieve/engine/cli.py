@@ -10,6 +10,7 @@ import sys
 
 from .config import EngineConfig, add_dataclass_args, dataclass_from_args
 from .errors import PensieveError
+from .server.config import ServerConfig
 
 
 def _setup_logging() -> None:
@@ -69,11 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with sessions")
     add_dataclass_args(serve, EngineConfig)
-    try:
-        from .server import ServerConfig
-        add_dataclass_args(serve, ServerConfig)
-    except ImportError:  # the server module is optional until it exists
-        pass
+    add_dataclass_args(serve, ServerConfig)
     serve.set_defaults(func=cmd_serve)
 
     tiny = sub.add_parser("tiny", help="write a tiny random checkpoint (tests, demo)")

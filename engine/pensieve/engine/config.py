@@ -2,16 +2,18 @@
 
 Every field becomes a ``--flag-name`` option and is also read from the
 environment as ``PENSIEVE_FLAG_NAME`` (the operator configures pods that way).
-Precedence: command line, then environment, then the default here.
+Precedence: command line, then environment, then the default here (the one
+loader, ``pensieve.common.flags``). Byte sizes are Kubernetes quantities
+(``pensieve.common.quantity``).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import types
 import typing
 from dataclasses import dataclass, field
+
+from pensieve.common import flags
+from pensieve.common.quantity import QuantityError, parse_bytes
 
 from .errors import InvalidRequestError
 
@@ -39,7 +41,9 @@ class EngineConfig:
     seed: int = opt(0, "seed for dummy weights and for requests that give no seed")
     block_size: int = opt(32, "tokens per KV-cache block (a 'chunk' in the paper)")
     gpu_memory_utilization: float = opt(0.90, "fraction of GPU memory the engine may use (weights, activations, KV cache)")
-    cpu_cache_bytes: str = opt("auto", "CPU-tier size in bytes, or 'auto' (cgroup limit or host memory, minus a reserve)")
+    cpu_cache_bytes: str = opt("auto", "CPU-tier size in bytes, a Kubernetes quantity (64Gi, 8G), "
+                                          "or 'auto': the cgroup limit (or host memory less 5%) minus 4 GiB of engine "
+                                          "overhead and, on a CPU device, the weights and the device tier")
     eviction: str = opt("retention", "eviction policy of the cache tiers", ("retention", "lru"))
     cache_mode: str = opt("pensieve", "pensieve: GPU+CPU tiers; gpu-only: reuse what stays on GPU (LRU); none: stateless",
                           ("pensieve", "gpu-only", "none"))
@@ -70,84 +74,29 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidRequestError(f"{name} must be >= 0", name)
-        if self.cpu_cache_bytes != "auto":
-            parse_bytes(self.cpu_cache_bytes)  # validates
+        self.cpu_cache_bytes_value()  # validates
+
+    def cpu_cache_bytes_value(self) -> int | None:
+        """``--cpu-cache-bytes`` in bytes (the shared Kubernetes-quantity parser), None for auto."""
+        if self.cpu_cache_bytes == "auto":
+            return None
+        try:
+            return parse_bytes(self.cpu_cache_bytes)
+        except QuantityError as e:
+            raise InvalidRequestError(f"--cpu-cache-bytes: {e}", "cpu_cache_bytes") from None
 
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """'123', '64Gi', '1.5G' (Kubernetes quantity suffixes) -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip()
-    num = s.rstrip("KkMmGgTtIi")
-    unit = s[len(num):].lower()
-    try:
-        value = float(num)
-    except ValueError:
-        value = None
-    if value is None or unit not in _UNITS or value < 0:
-        raise InvalidRequestError(f"cannot read {text!r} as a byte count (examples: 8000000000, 64Gi, 1.5G)", "cpu_cache_bytes")
-    return int(value * _UNITS[unit])
-
-
-# ---------------------------------------------------------------- CLI and env
-
-
-def _base_type(tp):
-    """int | None -> (int, True); list[str] -> (list, str)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
+# ---------------------------------------------------------------- CLI and env (pensieve.common.flags)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per field of ``cls``, defaulting to the environment or the field default."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, optional = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        env = ENV_PREFIX + f.name.upper()
-        kwargs: dict = {"dest": f.name, "help": f.metadata.get("help", "") + f" [env {env}]"}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if typing.get_origin(tp) is list:
-            kwargs.update(action="append", type=typing.get_args(tp)[0], default=None)
-        elif tp is bool:
-            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kwargs.update(type=tp, default=None)
-        parser.add_argument(flag, **kwargs)
+    """One ``--flag`` per field of ``cls``, also read from ``PENSIEVE_<FLAG>``."""
+    flags.add_flags(parser, cls, ENV_PREFIX)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, environ: typing.Mapping[str, str] | None = None):
-    """Build ``cls`` from parsed args; unset flags fall back to ``PENSIEVE_*`` env, then defaults."""
-    environ = os.environ if environ is None else environ
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        value = getattr(args, f.name, None)
-        if value is None:
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and raw != "":
-                value = _from_env(hints[f.name], raw, f.name)
-        if value is not None:
-            values[f.name] = value
-    return cls(**values)
-
-
-def _from_env(hint, raw: str, name: str):
-    tp, _ = _base_type(hint)
+    """Build ``cls``: command line, then ``PENSIEVE_*`` environment, then defaults."""
     try:
-        if typing.get_origin(tp) is list:
-            return [x.strip() for x in raw.split(",") if x.strip()]
-        if tp is bool:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        return tp(raw)
-    except ValueError:
-        raise InvalidRequestError(f"environment variable {ENV_PREFIX}{name.upper()}={raw!r} is not a valid {tp.__name__}", name) from None
+        return flags.load(cls, ENV_PREFIX, args, environ)
+    except flags.ConfigError as e:
+        raise InvalidRequestError(str(e), e.field) from None

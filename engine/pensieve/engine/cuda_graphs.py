@@ -60,10 +60,10 @@ class DecodeGraphs:
         v = split_views(self.buf, batch, batch, self.width)
         r = self.runner
         plan = None
-        if r.kernel_impl == "triton":
+        if r.attention_impl == "triton":
             plan = decode_graph_plan(v["seg_q_start"], v["seg_pos_start"], batch, r.num_heads, r.num_kv_heads)
         meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
-                                 impl=r.kernel_impl, kernel_plan=plan)
+                                 impl=r.attention_impl, kernel_plan=plan)
         return v, meta
 
     def _fill_dummy(self, batch: int) -> None:

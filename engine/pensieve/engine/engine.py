@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pensieve.common.memory import cpu_tier_bytes, usable_memory
+
 from .cache_manager import CacheManager
 from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
-from .config import EngineConfig, parse_bytes
+from .config import EngineConfig
 from .cost_model import CostModel, load_or_profile, profile_cache_path
 from .detokenizer import IncrementalDetokenizer
 from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError, UnknownSessionError
@@ -284,13 +286,13 @@ class LLMEngine:
         if config.num_cpu_blocks is not None:
             return config.num_cpu_blocks
         per_block = self.runner.bytes_per_block
-        if config.cpu_cache_bytes != "auto":
-            return parse_bytes(config.cpu_cache_bytes) // per_block
-        limit = host_memory_limit()
+        if config.cpu_cache_bytes_value() is not None:
+            return config.cpu_cache_bytes_value() // per_block
+        limit, is_cgroup = host_memory_limit()
+        budget = limit if is_cgroup else usable_memory(limit)
         weights = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
         on_host = weights + num_gpu_blocks * per_block if self.device.type == "cpu" else 0
-        reserve = max(4 << 30, limit // 5) + on_host
-        return max(0, (limit - reserve) // per_block)
+        return cpu_tier_bytes(budget, resident_bytes=on_host) // per_block
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -466,8 +468,8 @@ def _eos_ids(model_dir: str, cfg: dict, tokenizer) -> set[int]:
     return ids
 
 
-def host_memory_limit() -> int:
-    """The container's cgroup memory limit, or the host's memory when unlimited."""
+def host_memory_limit() -> tuple[int, bool]:
+    """(bytes, True) for the container's cgroup memory limit, (host memory, False) when unlimited."""
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
@@ -475,5 +477,5 @@ def host_memory_limit() -> int:
         except OSError:
             continue
         if raw.isdigit() and int(raw) < host:
-            return int(raw)
-    return host
+            return int(raw), True
+    return host, False

@@ -3,12 +3,11 @@ into one forward pass and returns the logits of the rows that sample."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
-from pensieve.kernels import paged_attention, prepare_paged_attention, swap_blocks
+from pensieve.kernels import paged_attention, prepare_paged_attention, resolve_impl, swap_blocks
 
 from .cache_manager import SwapPlan
 from .checkpoint import load_model
@@ -34,17 +33,13 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = self.model.num_kv_heads, self.model.head_dim
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.attention_impl = config.attention_impl
         self.num_heads = model_cfg["num_attention_heads"]
-        forced = os.environ.get("PENSIEVE_KERNELS", "auto").strip().lower()
-        self.uses_triton = config.attention_impl == "triton" or (
-            config.attention_impl == "auto" and forced != "ref" and (device.type == "cuda" or forced == "triton"))
-        if self.uses_triton and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        try:  # decided once here ("triton" or "ref") and passed down to every kernel call
+            self.attention_impl = resolve_impl(config.attention_impl, device)
+        except ValueError as e:
             from .errors import InvalidRequestError
-            raise InvalidRequestError("Triton kernels on a CPU run only in the interpreter: set TRITON_INTERPRET=1 "
-                                      "or use --attention-impl ref", "attention_impl")
-        # The kernels of every layer, decided here once ("triton" or "ref").
-        self.kernel_impl = "triton" if self.uses_triton else "ref"
+            raise InvalidRequestError(str(e), "attention_impl") from None
+        self.uses_triton = self.attention_impl == "triton"
         self.swapper: Swapper | None = None
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and config.cuda_graphs:
@@ -77,7 +72,7 @@ class ModelRunner:
         slots = (torch.arange(tokens, device=self.device) // seq_len) * blocks_per_seq * self.block_size + positions
         q_start = torch.tensor([min(i * seq_len, tokens) for i in range(num_seqs + 1)], dtype=torch.int32, device=self.device)
         meta = AttentionMetadata(slots, block_tables, q_start, torch.zeros(num_seqs, dtype=torch.int32, device=self.device),
-                                 impl=self.kernel_impl)
+                                 impl=self.attention_impl)
         with torch.inference_mode():
             hidden = self.model(ids, positions, meta, self.kv_caches)
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
@@ -132,7 +127,7 @@ class ModelRunner:
         positions = torch.arange(position, position + bs, device=dev)
         meta = AttentionMetadata(positions.clone(), torch.arange(n_blocks, dtype=torch.int32, device=dev)[None],
                                  torch.tensor([0, bs], dtype=torch.int32, device=dev),
-                                 torch.tensor([position], dtype=torch.int32, device=dev), impl=self.kernel_impl)
+                                 torch.tensor([position], dtype=torch.int32, device=dev), impl=self.attention_impl)
         times = []
         for _ in range(repeats + 1):
             if dev.type == "cuda":
@@ -157,7 +152,7 @@ class ModelRunner:
         prefill = min(max_num_batched_tokens, 256)
         self._dummy_forward([prefill])                     # large tiles only
         self._dummy_forward([max(2, prefill - 4), 1, 1, 1])  # large and small tiles
-        if self.kernel_impl == "triton":
+        if self.attention_impl == "triton":
             self._warm_decode_splits()
         if self.swapper is not None and self.cpu_caches and self.cpu_caches[0][0].shape[0]:
             self._warm_swap()
@@ -176,8 +171,8 @@ class ModelRunner:
         width = -(-max(q_lens) // self.block_size)
         meta = AttentionMetadata(torch.full((t,), -1, dtype=torch.int64, device=dev),
                                  torch.zeros((len(q_lens), width), dtype=torch.int32, device=dev),
-                                 starts.to(dev), pos_start.to(dev), impl=self.kernel_impl)
-        if self.kernel_impl == "triton":
+                                 starts.to(dev), pos_start.to(dev), impl=self.attention_impl)
+        if self.attention_impl == "triton":
             meta.kernel_plan = prepare_paged_attention(starts, pos_start, self.num_heads, self.num_kv_heads, device=dev)
         hidden = self.model(torch.zeros(t, dtype=torch.int64, device=dev), positions, meta, self.kv_caches)
         self.model.compute_logits(hidden[-1:]).float()
@@ -219,7 +214,7 @@ class ModelRunner:
         if inputs.has_placeholders:
             resolve_placeholders(v["input_ids"], prev_tokens)
         meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
-                                 impl=self.kernel_impl)
+                                 impl=self.attention_impl)
         if self.uses_triton:
             meta.kernel_plan = prepare_paged_attention(torch.from_numpy(inputs.seg_q_start),
                                                        torch.from_numpy(inputs.seg_pos_start),

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import is_int, is_number
 from .errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
@@ -26,39 +27,46 @@ class SamplingParams:
     detokenize: bool = True  # False: token ids only (stop strings still need text and turn it back on)
 
     def __post_init__(self) -> None:
-        def is_int(x):
-            return isinstance(x, int) and not isinstance(x, bool)
+        """The one validation of sampling parameters (the HTTP protocol relies on it: codes
+        ``invalid_type`` and ``invalid_value`` reach the client as they are)."""
+        def fail(message: str, param: str, code: str = "invalid_value"):
+            raise InvalidRequestError(message, param, code)
 
-        def is_num(x):
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        if not is_int(self.max_tokens) or self.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
-        if not is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0 or self.temperature != self.temperature:
-            raise InvalidRequestError(f"temperature must be a number in [0, 100], got {self.temperature!r}", "temperature")
-        if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        if not is_int(self.max_tokens):
+            fail(f"max_tokens must be an integer, got {self.max_tokens!r}", "max_tokens", "invalid_type")
+        if self.max_tokens <= 0:
+            fail(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
+        if not is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            fail(f"temperature must be a number in [0, 100], got {self.temperature!r}", "temperature")
+        if not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            fail(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if not is_int(self.top_k) or self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}", "top_k")
+            fail(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}", "top_k")
         if self.seed is not None and not is_int(self.seed):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}", "seed")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.stop is None:
-            self.stop = []
-        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequestError("stop must be a non-empty string or a list of non-empty strings", "stop")
-        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_LEN for s in self.stop):
-            raise InvalidRequestError(
-                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_LEN} characters", "stop")
-        self.stop = list(self.stop)
+            fail(f"seed must be an integer, got {self.seed!r}", "seed", "invalid_type")
+        self.stop = _check_stop(self.stop)
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise InvalidRequestError("stop_token_ids must be a list of non-negative integers", "stop_token_ids")
+            fail("stop_token_ids must be a list of non-negative integers", "stop_token_ids", "invalid_type")
         self.stop_token_ids = list(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def _check_stop(stop) -> list[str]:
+    """None, a string or a list of strings -> a list of at most MAX_STOP_STRINGS non-empty strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequestError("stop must be a non-empty string or a list of non-empty strings", "stop",
+                                  "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_LEN for s in stop):
+        raise InvalidRequestError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most "
+                                  f"{MAX_STOP_STRING_LEN} characters, got {len(stop)}", "stop", "invalid_value")
+    return list(stop)
 
 
 class Sampler:

@@ -3,9 +3,9 @@
 Each op has a torch reference (``*_ref``) that is the test oracle and the CPU
 implementation. The dispatching entry points pick the Triton kernel on CUDA
 tensors and the reference elsewhere; ``impl="ref"`` or ``impl="triton"`` forces
-one, and ``PENSIEVE_KERNELS=ref`` in the environment makes "auto" pick the
-reference everywhere. This package imports nothing from the engine; Triton is
-imported only when a Triton path runs.
+one, and ``resolve_impl`` makes that choice once for a whole process (the
+engine's runner calls it at start-up). This package imports nothing from the
+engine; Triton is imported only when a Triton path runs.
 """
 from .reference import (
     copy_blocks_ref,
@@ -23,6 +23,7 @@ from .dispatch import (
     gather_blocks,
     paged_attention,
     prepare_paged_attention,
+    resolve_impl,
     scatter_blocks,
     swap_blocks,
     write_kv,
@@ -35,6 +36,7 @@ __all__ = [
     "paged_attention",
     "paged_attention_ref",
     "prepare_paged_attention",
+    "resolve_impl",
     "write_kv",
     "write_kv_ref",
     "copy_blocks",

@@ -1,10 +1,9 @@
 """Entry points that choose between the Triton kernels and the torch references.
 
-``impl``: "auto" (Triton on CUDA tensors, the reference elsewhere), "ref" or
-"triton" (also runs on CPU tensors under ``TRITON_INTERPRET=1``).
-The environment variable ``PENSIEVE_KERNELS=ref`` makes "auto" mean the
-reference everywhere (a global escape hatch); ``PENSIEVE_KERNELS=triton`` makes
-"auto" mean Triton everywhere. An explicit ``impl`` argument always wins.
+``impl``: "triton" or "ref" (what an engine passes: it decides once, at
+start-up, with :func:`resolve_impl`), or "auto" for direct callers (tests,
+benchmarks): Triton on CUDA tensors, the reference elsewhere. Nothing here
+reads the environment: the choice is the caller's, made once.
 """
 from __future__ import annotations
 
@@ -14,6 +13,23 @@ import torch
 
 from . import reference
 
+IMPLS = ("auto", "triton", "ref")
+
+
+def resolve_impl(requested: str, device: torch.device) -> str:
+    """The one decision between Triton and the reference for a process: "triton" or "ref".
+
+    "auto" means Triton on CUDA devices and the reference elsewhere. Triton on a
+    CPU device runs only in the interpreter (``TRITON_INTERPRET=1``, read here once).
+    """
+    if requested not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {requested!r}")
+    impl = ("triton" if device.type == "cuda" else "ref") if requested == "auto" else requested
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("Triton kernels on a CPU run only in the interpreter: set TRITON_INTERPRET=1 "
+                         "or use the reference (--attention-impl ref)")
+    return impl
+
 
 def _use_triton(t: torch.Tensor, impl: str) -> bool:
     if impl == "ref":
@@ -21,12 +37,7 @@ def _use_triton(t: torch.Tensor, impl: str) -> bool:
     if impl == "triton":
         return True
     if impl != "auto":
-        raise ValueError(f"impl must be 'auto', 'ref' or 'triton', got {impl!r}")
-    forced = os.environ.get("PENSIEVE_KERNELS", "auto").strip().lower()
-    if forced == "ref":
-        return False
-    if forced == "triton":
-        return True
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return t.is_cuda
 
 

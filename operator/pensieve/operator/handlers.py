@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import kopf
@@ -19,9 +18,10 @@ from .settings import Settings
 from .status import conditions_equal, get_condition
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
-# Timers are registered at import time, so their interval is read from the environment here.
-RESYNC_SECONDS = float(os.environ.get("PENSIEVE_OPERATOR_RESYNC_SECONDS", "60"))
-DELETION_COST_SECONDS = float(os.environ.get("PENSIEVE_OPERATOR_DELETION_COST_SECONDS", "15"))
+# Timers are registered at import time, so their intervals come from the settings read here.
+_IMPORT_SETTINGS = Settings.from_env()
+RESYNC_SECONDS = _IMPORT_SETTINGS.resync_seconds
+DELETION_COST_SECONDS = _IMPORT_SETTINGS.deletion_cost_seconds
 
 
 @dataclasses.dataclass

@@ -1,18 +1,19 @@
 """Operator settings, read from PENSIEVE_OPERATOR_* environment variables.
 
 The Helm chart's values.yaml mirrors these names (camelCase without the prefix).
+Loaded by the shared loader (``pensieve.common.flags``, environment then
+default); int fields are Kubernetes quantities (``4Gi``).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Mapping
 
+from pensieve.common import flags
+from pensieve.common.memory import ENGINE_OVERHEAD_BYTES, NODE_RESERVE_FRACTION
+from pensieve.common.quantity import parse_bytes
+
 PREFIX = "PENSIEVE_OPERATOR_"
-
-
-def _bool(v: str) -> bool:
-    return v.strip().lower() in {"1", "true", "yes", "on"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +30,10 @@ class Settings:
     deletion_cost_timeout_seconds: float = 2.0
     # Memory each node keeps for the system and other pods (bytes), on top of
     # what the node's allocatable already excludes, as a fraction of allocatable.
-    node_memory_reserve_fraction: float = 0.05
+    node_memory_reserve_fraction: float = NODE_RESERVE_FRACTION
     # Engine process memory outside the CPU cache (Python, tokenizer, CUDA context,
     # pinned staging buffers), bytes.
-    engine_memory_overhead_bytes: int = 4 * 2**30
+    engine_memory_overhead_bytes: int = ENGINE_OVERHEAD_BYTES
     # Smallest CPU cache worth running with, and smallest GPU memory share.
     min_cpu_cache_bytes: int = 1 * 2**30
     min_gpu_memory_bytes: int = 2 * 2**30
@@ -46,27 +47,10 @@ class Settings:
     liveness: str = "0.0.0.0:8080"
     # Create a ServiceMonitor only when spec.monitoring.serviceMonitor and the CRD exists.
     service_monitor: bool = True
-    log_format: str = "plain"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
-        env = os.environ if env is None else env
-        kw: dict = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(PREFIX + f.name.upper())
-            if raw is None:
-                continue
-            if f.name == "namespaces":
-                kw[f.name] = tuple(n.strip() for n in raw.split(",") if n.strip())
-            elif f.type in ("bool",):
-                kw[f.name] = _bool(raw)
-            elif f.type in ("int",):
-                kw[f.name] = int(_quantity_or_int(raw))
-            elif f.type in ("float",):
-                kw[f.name] = float(raw)
-            else:
-                kw[f.name] = raw
-        s = cls(**kw)
+        s = flags.load(cls, PREFIX, environ=env, parsers={int: parse_bytes})
         s.validate()
         return s
 
@@ -78,8 +62,3 @@ class Settings:
         if self.deletion_cost_seconds <= 0 or self.deletion_cost_timeout_seconds <= 0:
             raise ValueError(f"{PREFIX}DELETION_COST_SECONDS and _TIMEOUT_SECONDS must be > 0")
 
-
-def _quantity_or_int(raw: str) -> int:
-    from .quantity import parse_bytes
-
-    return parse_bytes(raw)

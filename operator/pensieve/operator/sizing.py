@@ -9,6 +9,8 @@ taints tolerated, enough `nvidia.com/gpu`):
 * a pod's memory share = usable memory / pods per node;
 * CPU cache: `auto` → share − engine overhead; a quantity → as given, and the pod
   needs cache + overhead; cacheMode gpu-only/none → no CPU cache;
+  (the reserve and the overhead are ``pensieve.common.memory``, the formula the
+  engine's own ``--cpu-cache-bytes auto`` uses);
 * memory request = limit = cache + overhead (Guaranteed QoS: the CPU tier is pinned
   host memory and must never be overcommitted);
 * GPU memory utilization = spec value / gpu.replicas (time-sliced GPUs are shared
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Iterable, Mapping
+
+from pensieve.common.memory import cpu_tier_bytes, usable_memory
 
 from .quantity import format_bytes, human_bytes, parse_bytes, parse_quantity
 from .settings import Settings
@@ -122,7 +126,7 @@ def _fit_node(node: Mapping[str, Any], spec: PensieveSpec, s: Settings) -> NodeF
         memory = parse_bytes(alloc.get("memory", "0"))
     except ValueError:
         memory = 0
-    usable = int(memory * (1 - s.node_memory_reserve_fraction))
+    usable = usable_memory(memory, s.node_memory_reserve_fraction)
     k = spec.resources.gpus_per_pod
     product = labels.get(LABEL_GPU_PRODUCT, "")
     replicas = 1
@@ -150,7 +154,7 @@ def _fit_node(node: Mapping[str, Any], spec: PensieveSpec, s: Settings) -> NodeF
     if need is not None and share < need:
         return dataclasses.replace(fit, fits=False, reason=(
             f"memory share {human_bytes(share)} per pod < {human_bytes(need)} needed"))
-    if need is None and share - s.engine_memory_overhead_bytes < s.min_cpu_cache_bytes:
+    if need is None and cpu_tier_bytes(share, s.engine_memory_overhead_bytes) < s.min_cpu_cache_bytes:
         return dataclasses.replace(fit, fits=False, reason=(
             f"memory share {human_bytes(share)} per pod leaves less than the minimum CPU cache "
             f"{human_bytes(s.min_cpu_cache_bytes)} after the engine overhead {human_bytes(s.engine_memory_overhead_bytes)}"))
@@ -207,7 +211,7 @@ def compute_sizing(nodes: Iterable[Mapping[str, Any]], spec: PensieveSpec, setti
     smallest = min(good, key=lambda f: f.share_bytes)
     if need is None:
         limit = (smallest.share_bytes // MIB) * MIB
-        cache = limit - overhead
+        cache = cpu_tier_bytes(limit, overhead)
         explanation.append(
             f"cpuCache auto: smallest fitting share {human_bytes(smallest.share_bytes)} (node {smallest.name}: "
             f"allocatable × {1 - s.node_memory_reserve_fraction:.2f} / {smallest.pods} pods) − engine overhead "

@@ -271,8 +271,8 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
     if cpu_cache != "auto":
         try:
             cpu_cache_bytes = parse_bytes(cpu_cache)
-        except ValueError:
-            errors.append(f'spec.cache.cpuCache: must be "auto" or a quantity such as 64Gi, got {cpu_cache!r}')
+        except ValueError as err:  # the shared parser says why ("64m" is milli-bytes)
+            errors.append(f'spec.cache.cpuCache: must be "auto" or a whole byte quantity such as 64Gi: {err}')
     cache = CacheSpec(
         gpu_memory_utilization=r.float(c, "gpuMemoryUtilization", "spec.cache", 0.9, 0.05, 0.99),
         cpu_cache=cpu_cache,

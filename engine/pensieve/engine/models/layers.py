@@ -19,7 +19,6 @@ class AttentionMetadata:
     block_tables:  int32 [S, max_blocks] one row per query segment
     seg_q_start:   int32 [S+1] segment s owns rows seg_q_start[s]:seg_q_start[s+1]
     seg_pos_start: int32 [S]   context position of each segment's first token
-    impl:          "triton" or "ref": the kernels of every layer, chosen once at start-up
     wait_for_layer: called before layer i reads the cache, so that a swap-in of
                     that layer (on its own stream) can finish just in time.
     """
@@ -28,7 +27,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     seg_q_start: torch.Tensor
     seg_pos_start: torch.Tensor
-    impl: str = "auto"
+    impl: str  # "triton" or "ref": resolved once by the runner (pensieve.kernels.resolve_impl)
     wait_for_layer: Callable[[int], None] | None = None
     kernel_plan: object | None = None  # the Triton kernel's launch plan, built once per step
 

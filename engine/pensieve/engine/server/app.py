@@ -1,6 +1,7 @@
 """The aiohttp application: OpenAI-compatible endpoints plus sessions.
 
-Endpoints (design.md, "HTTP API"):
+Endpoints (docs/design.md, "HTTP API"; tests/test_design_contract.py keeps the
+two in agreement):
 
     POST   /v1/chat/completions     chat (SSE with "stream": true); sessions by X-Session-ID or body session_id
     POST   /v1/completions          raw prompts (string or token ids)
@@ -125,7 +126,7 @@ class PensieveServer:
             status = e.status
             request["log"]["error"] = e.code or e.type
             if api and request.method == "POST":
-                self.metrics.requests.labels(status=str(e.status)).inc()
+                self.metrics.count_outcome(e.status)
             return _error_response(e, rid)
         except web.HTTPException as e:
             status = e.status
@@ -133,7 +134,7 @@ class PensieveServer:
                 err = APIError(413, f"request body is larger than {self.config.max_body_bytes} bytes",
                                code="request_too_large")
                 if api and request.method == "POST":
-                    self.metrics.requests.labels(status="413").inc()
+                    self.metrics.count_outcome(413)
             else:
                 err = APIError(e.status, e.reason or "error", code="not_found" if e.status == 404 else None)
             resp = _error_response(err, rid)
@@ -146,6 +147,8 @@ class PensieveServer:
             raise
         except Exception:
             log.exception("req=%s %s %s failed", rid, request.method, path)
+            if api and request.method == "POST":
+                self.metrics.count_outcome(500)
             return _error_response(APIError(500, "internal error", type="server_error", code="internal_error"), rid)
         finally:
             if path not in ("/metrics", "/health", "/ready"):
@@ -401,7 +404,7 @@ class _Gen:
             self.finished = True
             self.finish_reason = out.finish_reason
             m.latency.observe(now - self.t_arrival)
-            m.requests.labels(status=out.finish_reason or "stop").inc()
+            m.count_outcome(out.finish_reason or "stop")
             self._remember()
 
     def _remember(self) -> None:
@@ -462,7 +465,8 @@ class _Gen:
                 item = await queue.get()
                 try:
                     self._take(item)
-                except APIError as e:
+                except APIError as e:  # the 200 is sent: the error is the stream's last event
+                    self.server.metrics.count_outcome(e.status)
                     await send(e.body())
                     break
                 if item.new_text or item.finished:

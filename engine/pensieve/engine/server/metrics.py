@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (its own CollectorRegistry).
 
-Names are a contract (design.md, "Metrics"): the router, the operator's
+Names are a contract (docs/design.md, "Metrics"; tests/test_design_contract.py
+keeps the document and this file in agreement): the router, the operator's
 autoscaling rules and the dashboards read them. Engine gauges and counters are
 collected at scrape time from the engine thread's latest snapshot
 (snapshot.engine_metrics_snapshot); latencies and request outcomes are observed
@@ -10,10 +11,13 @@ Choices where the contract is silent:
 - ``pensieve_gpu_cache_blocks`` / ``pensieve_cpu_cache_blocks``: blocks in use
   (held by running requests or sessions' caches); the capacity is in
   ``pensieve_cache_config_info`` and the ratio in ``*_usage_ratio``.
-- ``pensieve_requests_total{status}``: the finish reason of requests the engine
-  ran (``stop``, ``length``, ``abort``), ``error`` when a request failed inside
-  the engine, and the HTTP status code (``400``, ``401``, ``404``, ``409``,
-  ``413``, ``429``, ``503``) of API requests refused before they ran.
+- ``pensieve_requests_total{status}`` (generation requests, POST): the finish
+  reason of requests the engine ran (``stop``, ``length``, ``abort``),
+  ``error`` when one failed inside the server or the engine (an HTTP 500, or
+  the error event that ends a stream whose 200 was already sent), and the HTTP
+  status code (``400``, ``401``, ``404``, ``409``, ``413``, ``429``, ``503``) of
+  requests refused before they ran. ``count_outcome`` is the one place that
+  picks the label.
 - ``pensieve_sessions_active``: sessions the engine knows (cached or not).
 """
 from __future__ import annotations
@@ -25,16 +29,6 @@ from .snapshot import CONTEXT_SOURCES, EngineSnapshot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-CONTRACT_NAMES = (
-    "pensieve_num_requests_running", "pensieve_num_requests_waiting", "pensieve_num_requests_swapped",
-    "pensieve_gpu_cache_usage_ratio", "pensieve_cpu_cache_usage_ratio", "pensieve_gpu_cache_blocks",
-    "pensieve_cpu_cache_blocks", "pensieve_sessions_active",
-    "pensieve_prompt_tokens_total", "pensieve_generation_tokens_total", "pensieve_context_tokens_total",
-    "pensieve_swap_bytes_total", "pensieve_evicted_tokens_total", "pensieve_requests_total",
-    "pensieve_time_to_first_token_seconds", "pensieve_inter_token_latency_seconds",
-    "pensieve_request_latency_seconds", "pensieve_cache_config_info",
-)
 
 
 class _EngineCollector:
@@ -95,6 +89,10 @@ class ServerMetrics:
         info.info(cache_labels)
         for status in ("stop", "length", "abort"):  # present from the start, at 0
             self.requests.labels(status=status)
+
+    def count_outcome(self, outcome: int | str) -> None:
+        """One generation request ended: a finish reason, or the HTTP status it failed with."""
+        self.requests.labels(status="error" if outcome == 500 else str(outcome)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,19 +2,20 @@
 
 Every client error becomes ``APIError`` with the contract's status code and
 ``{"error": {"message", "type", "param", "code"}}``. Validation happens here,
-before anything reaches the engine; the engine's own checks (context length,
+before anything reaches the engine, except what ``SamplingParams`` owns (stop
+strings, the sampler's ranges), whose errors pass through with their codes; the engine's own checks (context length,
 session ownership) come back as its typed errors and are mapped by
 ``from_engine_error``.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
 from ..errors import (ContextLengthExceededError, InvalidRequestError, PensieveError, QueueFullError,
                       SessionBusyError, UnknownSessionError)
-from ..sampling import MAX_STOP_STRINGS, SamplingParams
+from ..checks import is_int, is_number
+from ..sampling import SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 SESSION_MODES = ("full", "append")
@@ -83,19 +84,11 @@ def _reject_constant(name: str):
 
 
 # ------------------------------------------------------------------ field readers
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def get_int(body: dict, name: str, default=None, lo=None, hi=None):
     v = body.get(name, default)
     if v is None:
         return default
-    if not _is_int(v):
+    if not is_int(v):
         raise bad(f"{name} must be an integer, got {type(v).__name__}", name, "invalid_type")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise bad(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}", name, "invalid_value")
@@ -106,7 +99,7 @@ def get_num(body: dict, name: str, default, lo: float, hi: float, lo_open: bool 
     v = body.get(name, default)
     if v is None:
         return default
-    if not _is_num(v):
+    if not is_number(v):
         raise bad(f"{name} must be a number, got {type(v).__name__}", name, "invalid_type")
     if v > hi or v < lo or (lo_open and v == lo):
         raise bad(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name, "invalid_value")
@@ -225,14 +218,6 @@ def _common(body: dict, kind: str, server_cfg) -> dict:
     max_tokens = get_int(body, "max_completion_tokens", None, lo=1) if kind == "chat" else None
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", None, lo=1)
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise bad("stop must be a non-empty string or a list of non-empty strings", "stop", "invalid_type")
-        if len(stop) > MAX_STOP_STRINGS:
-            raise bad(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop", "invalid_value")
     stream = get_bool(body, "stream", False)
     opts = body.get("stream_options")
     include_usage = False
@@ -249,9 +234,9 @@ def _common(body: dict, kind: str, server_cfg) -> dict:
         max_tokens = server_cfg.default_max_tokens or (1 << 30)  # the engine clamps to the context left
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, stop=stop or [], ignore_eos=ignore_eos)
-    except InvalidRequestError as e:
-        raise bad(e.message, e.param, "invalid_value") from None
+                                seed=seed, stop=body.get("stop"), ignore_eos=ignore_eos)
+    except InvalidRequestError as e:  # stop strings are checked there only
+        raise bad(e.message, e.param, e.code or "invalid_value") from None
     session_id = body.get("session_id")
     if session_id is not None:
         session_id = check_session_id(session_id, server_cfg.max_session_id_len)
@@ -284,7 +269,7 @@ def parse_completion(body: dict, server_cfg) -> GenerationRequest:
         if not prompt:
             raise bad("prompt must not be empty", "prompt", "invalid_value")
     elif isinstance(prompt, list):
-        if not prompt or not all(_is_int(t) for t in prompt):
+        if not prompt or not all(is_int(t) for t in prompt):
             raise bad("prompt must be a string, or a non-empty list of token ids (batches of several prompts are "
                       "not supported)", "prompt", "invalid_type")
     else:

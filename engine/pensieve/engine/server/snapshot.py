@@ -3,19 +3,9 @@
 ``engine_metrics_snapshot(engine)`` is the only code that reads engine state
 for /metrics and /debug/state. It runs on the engine thread between steps (so
 it sees a consistent state) and returns plain numbers; the HTTP side only ever
-reads the latest snapshot.
-
-Hooks for the CPU tier: everything the GPU-only engine does not have yet is
-read with ``getattr(..., default)``, so filling these in makes the metrics move
-without touching the server:
-
-    engine.cache.stats.context_tokens  dict source -> tokens, sources gpu|cpu|recomputed|new
-      (or engine.stats.context_tokens;  default: gpu = cached_prompt_tokens, new = the rest of the prompts)
-    engine.swap_bytes("in"|"out")      (or engine.stats.swap_in_bytes / swap_out_bytes)
-    engine.cache.stats.evicted_tokens  dict tier -> tokens (or engine.stats.evicted_tokens_gpu/_cpu;
-                                       default gpu: engine.cache.evicted_tokens)
-    engine.scheduler.num_suspended     requests suspended to the CPU tier (or len(engine.scheduler.swapped))
-    engine.cache.cpu                   the CPU BlockPool (num_blocks, num_used)
+reads the latest snapshot. Sources: the scheduler's queues, the block pools
+(``cache.gpu``, ``cache.cpu``), the cache's counters (``cache.stats``: context
+token sources, evicted tokens), ``engine.swap_bytes`` and ``engine.stats``.
 """
 from __future__ import annotations
 
@@ -56,11 +46,7 @@ class EngineSnapshot:
 
 
 def _pool(pool) -> tuple[int, int, float]:
-    if pool is None:
-        return 0, 0, 0.0
-    total = int(getattr(pool, "num_blocks", 0))
-    used = int(getattr(pool, "num_used", total - int(getattr(pool, "num_free", total))))
-    return total, used, (used / total if total else 0.0)
+    return pool.num_blocks, pool.num_used, pool.usage()
 
 
 def engine_metrics_snapshot(engine) -> EngineSnapshot:
@@ -71,38 +57,20 @@ def engine_metrics_snapshot(engine) -> EngineSnapshot:
     s = EngineSnapshot(taken_at=time.time())
     s.num_requests_running = len(sched.running)
     s.num_requests_waiting = len(sched.waiting)
-    suspended = getattr(sched, "num_suspended", None)
-    s.num_requests_swapped = int(suspended) if isinstance(suspended, int) else len(getattr(sched, "swapped", ()) or ())
+    s.num_requests_swapped = sched.num_suspended
     s.gpu_blocks_total, s.gpu_blocks_used, s.gpu_usage_ratio = _pool(cache.gpu)
-    s.cpu_blocks_total, s.cpu_blocks_used, s.cpu_usage_ratio = _pool(getattr(cache, "cpu", None))
+    s.cpu_blocks_total, s.cpu_blocks_used, s.cpu_usage_ratio = _pool(cache.cpu)
     sessions = list(cache.sessions.values())
     # Internal sessions only park a suspended request's context; they are not conversations.
-    s.sessions_active = sum(1 for x in sessions if not getattr(x, "internal", False))
+    s.sessions_active = sum(1 for x in sessions if not x.internal)
     s.session_blocks = sum(len(x.block_ids) for x in sessions)
     s.request_blocks = sum(len(r.block_ids) for r in engine.requests.values())
     s.num_unfinished = len(engine.requests)
     s.prompt_tokens = int(stats.prompt_tokens)
     s.generation_tokens = int(stats.generation_tokens)
-
-    cstats = getattr(cache, "stats", None)
-    ctx = getattr(cstats, "context_tokens", None) or getattr(stats, "context_tokens", None)
-    if ctx:
-        s.context_tokens = {k: int(ctx.get(k, 0)) for k in CONTEXT_SOURCES}
-    else:
-        cached = int(stats.cached_prompt_tokens)
-        s.context_tokens = {"gpu": cached, "cpu": 0, "recomputed": 0, "new": max(0, s.prompt_tokens - cached)}
-    if callable(getattr(engine, "swap_bytes", None)):
-        s.swap_bytes = {d: int(engine.swap_bytes(d)) for d in ("in", "out")}
-    else:
-        s.swap_bytes = {"in": int(getattr(stats, "swap_in_bytes", 0)), "out": int(getattr(stats, "swap_out_bytes", 0))}
-    evicted = getattr(cstats, "evicted_tokens", None)
-    if isinstance(evicted, dict):
-        s.evicted_tokens = {"gpu": int(evicted.get("gpu", 0)), "cpu": int(evicted.get("cpu", 0))}
-    else:
-        gpu_evicted = getattr(stats, "evicted_tokens_gpu", None)
-        if gpu_evicted is None:
-            gpu_evicted = getattr(cache, "evicted_tokens", 0)
-        s.evicted_tokens = {"gpu": int(gpu_evicted), "cpu": int(getattr(stats, "evicted_tokens_cpu", 0))}
+    s.context_tokens = {k: int(cache.stats.context_tokens.get(k, 0)) for k in CONTEXT_SOURCES}
+    s.swap_bytes = {d: int(engine.swap_bytes(d)) for d in ("in", "out")}
+    s.evicted_tokens = {t: int(cache.stats.evicted_tokens.get(t, 0)) for t in ("gpu", "cpu")}
     s.requests_finished = dict(stats.requests_finished)
     s.preemptions = int(stats.preemptions)
     s.steps = int(stats.steps)
@@ -111,11 +79,10 @@ def engine_metrics_snapshot(engine) -> EngineSnapshot:
 
 def cache_config_labels(engine) -> dict[str, str]:
     """Labels of pensieve_cache_config_info."""
-    cpu = getattr(engine.cache, "cpu", None)
     return {
         "model": str(engine.served_model_name),
         "block_size": str(engine.config.block_size),
         "gpu_blocks": str(engine.cache.gpu.num_blocks),
-        "cpu_blocks": str(getattr(cpu, "num_blocks", 0) if cpu is not None else 0),
+        "cpu_blocks": str(engine.cache.cpu.num_blocks),
         "cache_mode": str(engine.config.cache_mode),
     }

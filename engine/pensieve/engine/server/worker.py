@@ -182,7 +182,3 @@ class EngineWorker:
                 else:
                     self.loop.call_soon_threadsafe(self._resolve, fut, result, None)
         return worked
-
-
-def now() -> float:
-    return time.monotonic()

@@ -1,12 +1,13 @@
 """Router settings: every flag is also read from PENSIEVE_ROUTER_<FLAG> in the
-environment (the operator configures the router Deployment that way); a flag on the
-command line wins over the environment."""
+environment (the operator configures the router Deployment that way). One rule,
+one loader (``pensieve.common.flags``): command line, then environment, then default."""
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import dataclass, field, fields
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from pensieve.common import flags
 
 ENV_PREFIX = "PENSIEVE_ROUTER_"
 
@@ -65,23 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pensieve.router",
                                 description="Pensieve's session-affine router. Every flag is also read from "
                                             f"{ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}LOAD_FACTOR).")
-    for f in fields(RouterConfig):
-        flag = "--" + f.name.replace("_", "-")
-        names = [flag, *f.metadata.get("aliases", ())]
-        env = ENV_PREFIX + f.name.upper()
-        default = os.environ.get(env, f.default)
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
-        kw = {"default": kind(default), "type": kind, "dest": f.name,
-              "help": f"{f.metadata.get('help', '')} [env {env}, default {f.default!r}]"}
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        p.add_argument(*names, **kw)
+    flags.add_flags(p, RouterConfig, ENV_PREFIX)
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
-    args = build_parser().parse_args(argv)
-    cfg = RouterConfig(**{f.name: getattr(args, f.name) for f in fields(RouterConfig)})
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> RouterConfig:
+    parser = build_parser()
+    try:
+        cfg = flags.load(RouterConfig, ENV_PREFIX, parser.parse_args(argv), environ)
+    except flags.ConfigError as e:
+        raise SystemExit(str(e)) from None
     if cfg.load_factor < 1.0:
         raise SystemExit("--load-factor must be >= 1")
     if cfg.resolved_discovery() == "static" and not cfg.endpoint_list():
