@@ -40,11 +40,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import harness  # noqa: E402
 from shapes import shape_checkpoint  # noqa: E402
 
 BATCHES = [(64, 1240, 200), (256, 512, 128), (1, 1240, 64)]
 HF_BATCH = (64, 1240, 200)
 HTTP_BATCH = (256, 512, 128)
+SMOKE = dict(batches=[(8, 40, 6), (16, 24, 4), (1, 40, 5)], hf=(8, 40, 6), http=(16, 24, 4))  # CPU plumbing check
 
 
 # ----------------------------------------------------------------------------- model arithmetic
@@ -78,11 +80,11 @@ def part_engine(args) -> dict:
     from kernels import measure_ceilings
     from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
 
-    dev = torch.device("cuda")
-    ceil = measure_ceilings(dev, smoke=False)
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    ceil = measure_ceilings(dev, smoke=args.smoke)
     print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     torch.cuda.empty_cache()
-    model = shape_checkpoint("llama3-8b", args.workdir)
+    model = shape_checkpoint(args.shape, args.workdir)
     t0 = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=model, load_format="dummy", cache_mode="none",
                                     max_num_batched_tokens=4096, max_num_seqs=256))
@@ -92,7 +94,7 @@ def part_engine(args) -> dict:
     vocab = engine.model_config["vocab_size"]
     rng = random.Random(0)
     runs = []
-    for n, p, o in BATCHES:
+    for n, p, o in (SMOKE["batches"] if args.smoke else BATCHES):
         prompts = [[rng.randrange(vocab) for _ in range(p)] for _ in range(n)]
         params = SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, detokenize=False)
         steps = []
@@ -151,20 +153,21 @@ def part_hf(args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.generation import GenerationConfig
 
-    model_dir = shape_checkpoint("llama3-8b", args.workdir)
+    model_dir = shape_checkpoint(args.shape, args.workdir)
     cfg = AutoConfig.from_pretrained(model_dir)
-    with torch.device("cuda"):
+    with torch.device("cpu" if args.smoke else "cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa_paged").eval()
-    n, p, o = HF_BATCH
+    n, p, o = SMOKE["hf"] if args.smoke else HF_BATCH
     rng = random.Random(0)
     prompts = [[rng.randrange(cfg.vocab_size) for _ in range(p)] for _ in range(n)]
     gen = GenerationConfig(max_new_tokens=o, min_new_tokens=o, do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate_batch(inputs=prompts[:4], generation_config=GenerationConfig(
         max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0), progress_bar=False)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - t0
     tokens = sum(len(r.generated_tokens) for r in out.values())
     print(f"transformers continuous batching: {seconds:.1f} s, {tokens} tokens", flush=True)
@@ -172,16 +175,15 @@ def part_hf(args) -> dict:
 
 
 def part_http(args) -> dict:
-    import aiohttp
-
-    model = shape_checkpoint("llama3-8b", args.workdir)
+    model = shape_checkpoint(args.shape, args.workdir)
     port = 18000 + os.getpid() % 1000
     server = subprocess.Popen([sys.executable, "-m", "pensieve.engine", "serve", "--model", model,
                                "--load-format", "dummy", "--cache-mode", "none", "--max-num-batched-tokens", "4096",
                                "--max-num-seqs", "256", "--max-waiting-requests", "1024", "--port", str(port)])
-    n, p, o = HTTP_BATCH
+    n, p, o = SMOKE["http"] if args.smoke else HTTP_BATCH
     try:
-        result = asyncio.run(_http_load(port, n, p, o))
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        result = asyncio.run(_http_load(port, n, p, o, Path(model).name, vocab))
     finally:
         server.terminate()
         server.wait(60)
@@ -189,7 +191,7 @@ def part_http(args) -> dict:
     return result
 
 
-async def _http_load(port: int, n: int, p: int, o: int) -> dict:
+async def _http_load(port: int, n: int, p: int, o: int, served_name: str, vocab: int) -> dict:
     import aiohttp
 
     base = f"http://127.0.0.1:{port}"
@@ -204,10 +206,11 @@ async def _http_load(port: int, n: int, p: int, o: int) -> dict:
                 pass
             await asyncio.sleep(1)
         rng = random.Random(1)
-        vocab = 128256
+        async with http.get(base + "/v1/models") as r:
+            assert (await r.json())["data"][0]["id"] == served_name
 
         async def one(prompt):
-            body = dict(model="llama3-8b", prompt=prompt, max_tokens=o, temperature=0, ignore_eos=True, stream=True)
+            body = dict(model=served_name, prompt=prompt, max_tokens=o, temperature=0, ignore_eos=True, stream=True)
             got = 0
             async with http.post(base + "/v1/completions", json=body) as r:
                 r.raise_for_status()
@@ -224,34 +227,34 @@ async def _http_load(port: int, n: int, p: int, o: int) -> dict:
     return dict(http_seconds=seconds, http_output_tokens_per_s=n * o / seconds, http_stream_events=sum(events))
 
 
-def merge(paths: list[str]) -> dict:
+def merge(paths: list[str], smoke: bool = False) -> dict:
+    hf_batch, http_batch = (SMOKE["hf"], SMOKE["http"]) if smoke else (HF_BATCH, HTTP_BATCH)
     result: dict = {}
     for path in paths:
         if Path(path).is_file():
             result.update(json.loads(Path(path).read_text()))
     runs = result.get("runs", [])
     for run in runs:
-        if (run["requests"], run["prompt_len"], run["output_len"]) == HF_BATCH and "transformers_cb_seconds" in result:
+        if (run["requests"], run["prompt_len"], run["output_len"]) == hf_batch and "transformers_cb_seconds" in result:
             run["transformers_cb_seconds"] = result["transformers_cb_seconds"]
             run["speedup_vs_transformers_cb"] = result["transformers_cb_seconds"] / run["seconds"]
-        if (run["requests"], run["prompt_len"], run["output_len"]) == HTTP_BATCH and "http_seconds" in result:
+        if (run["requests"], run["prompt_len"], run["output_len"]) == http_batch and "http_seconds" in result:
             inproc = run["requests"] * run["output_len"] / run["seconds"]
             result["http_vs_inprocess"] = result["http_output_tokens_per_s"] / inproc
     return result
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, out_required=True)
     ap.add_argument("part", choices=["engine", "hf", "http", "merge"])
-    ap.add_argument("inputs", nargs="*")
-    ap.add_argument("--workdir", default="/tmp/pensieve-bench")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("inputs", nargs="*", help="merge: the parts' JSON files")
+    ap.add_argument("--smoke", action="store_true", help="tiny batches on the CPU (checks the plumbing, no figures)")
     args = ap.parse_args()
     if args.part == "merge":
-        result = merge(args.inputs)
-    else:
-        result = {"engine": part_engine, "hf": part_hf, "http": part_http}[args.part](args)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+        Path(args.out).write_text(json.dumps(merge(args.inputs, args.smoke), indent=2))
+        return 0
+    result = {"engine": part_engine, "hf": part_hf, "http": part_http}[args.part](args)
+    harness.write_result(result, args.out, echo=False)
     return 0
 
 
