@@ -149,6 +149,8 @@ def summarize(m, ceil, n, p, o, seconds, steps) -> dict:
 
 
 def part_hf(args) -> dict:
+    """transformers' own continuous batching (generate_batch, paged SDPA, its default sizing from
+    free GPU memory) on the same batch: CUDA only (its sizing finds no memory on a CPU)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.generation import GenerationConfig
@@ -156,7 +158,7 @@ def part_hf(args) -> dict:
     model_dir = shape_checkpoint(args.shape, args.workdir)
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("cpu" if args.smoke else "cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa_paged").eval()
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="paged|sdpa").eval()
     n, p, o = SMOKE["hf"] if args.smoke else HF_BATCH
     rng = random.Random(0)
     prompts = [[rng.randrange(cfg.vocab_size) for _ in range(p)] for _ in range(n)]
