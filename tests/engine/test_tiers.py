@@ -279,3 +279,22 @@ def test_aborting_suspended_requests_frees_their_context(make_engine, with_sessi
     for sid in list(engine.cache.sessions):
         engine.delete_session(sid)
     assert engine.cache.gpu.num_free == 10 and engine.cache.cpu.num_free == 4
+
+
+def test_compute_waits_only_when_reusing_a_block_an_ahead_copy_may_read():
+    """Ahead-of-time copies never stall compute, unless a step rewrites a GPU block one
+    of them may still be reading (then the plan says so, and the runner waits)."""
+    cache = make_cache("lru", gpu=8, cpu=4)
+    a = put_session(cache, "A", 7, last_active=90.0)  # 1 of 8 blocks free: under the 25% watermark
+    cache.plan_swap_ahead()
+    ahead = cache.take_plan()
+    assert ahead.swap_out_ahead and not ahead.wait_for_copies
+    copied = {g for g, _ in ahead.swap_out_ahead}
+    assert cache.copying == copied
+    assert cache.gpu.allocate(1) is not None  # the free block goes first: no wait
+    assert cache.reclaim(1)  # the LRU chunk was copied ahead: its block is reused
+    assert cache.take_plan().wait_for_copies
+    cache.copies_done()  # the runner saw the copies' event complete
+    assert cache.reclaim(1)
+    plan = cache.take_plan()
+    assert not plan.wait_for_copies and a.chunks[1].gpu is None

@@ -87,6 +87,9 @@ class SwapPlan:
     swap_in: list[tuple[int, int]] = field(default_factory=list)         # CPU -> GPU, before the layer reads
     swap_out: list[tuple[int, int]] = field(default_factory=list)        # GPU -> CPU, before the slot is rewritten
     swap_out_ahead: list[tuple[int, int]] = field(default_factory=list)  # GPU -> CPU, no deadline this step
+    # This step reuses a GPU block that an earlier ahead-of-time copy may still be
+    # reading: its compute must wait for those copies (otherwise it never does).
+    wait_for_copies: bool = False
 
 
 @dataclass
@@ -114,6 +117,8 @@ class CacheManager:
         self.sessions: dict[str, Session] = {}
         self.stats = CacheStats()
         self._plan = SwapPlan()
+        # GPU blocks read by ahead-of-time copies not known to be complete (cleared by copies_done)
+        self.copying: set[int] = set()
         self._cpu_free_after_step: list[int] = []
 
     # ------------------------------------------------------------- sessions
@@ -283,6 +288,8 @@ class CacheManager:
                         if earlier.cpu is not None:
                             self._drop_cpu_copy(s, earlier)
             self.stats.evicted_tokens["gpu"] += self._chunk_tokens(s, i)
+            if c.gpu in self.copying:  # its copy to c.cpu may still be reading it
+                self._plan.wait_for_copies = True
             self.gpu.free([c.gpu])
             c.gpu = None
             freed += 1
@@ -381,8 +388,13 @@ class CacheManager:
             c = s.chunks[i]
             c.cpu = self.cpu.allocate(1)[0]
             self._plan.swap_out_ahead.append((c.gpu, c.cpu))
+            self.copying.add(c.gpu)
             self.stats.swap_out_blocks += 1
             want -= 1
+
+    def copies_done(self) -> None:
+        """Every ahead-of-time copy issued so far has completed (the runner polled its event)."""
+        self.copying.clear()
 
     def take_plan(self) -> SwapPlan:
         plan, self._plan = self._plan, SwapPlan()

@@ -208,6 +208,8 @@ class LLMEngine:
         the next step reads them, and the host schedules and prepares that next
         step while the GPU still computes this one. Without it, a step is
         collected at once (same code, no overlap)."""
+        if self.runner.copies_done():
+            self.cache.copies_done()
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         launched = None if sched.is_empty else self._launch(sched)

@@ -221,6 +221,10 @@ class ModelRunner:
                                                        self.num_heads, self.num_kv_heads, device=self.device)
         return inputs, v, meta
 
+    def copies_done(self) -> bool:
+        """Have all ahead-of-time swap-outs completed? (Polls an event; never waits.)"""
+        return self.swapper is None or self.swapper.ahead_done is None or self.swapper.ahead_done.query()
+
     def _graph_batch(self, out: SchedulerOutput, blocking_swaps: bool, all_logits: bool) -> int | None:
         """The padded batch size of a decode graph that can run this step, if any."""
         if self.graphs is None or blocking_swaps or all_logits or not out.chunks:
@@ -241,8 +245,8 @@ class ModelRunner:
         blocking = bool(swaps.swap_in or swaps.swap_out)  # layers must wait for these copies
         if has_swaps and self.swapper is None:
             raise RuntimeError("swaps planned but no CPU tier is allocated")
-        if self.swapper is not None:
-            self.swapper.wait_ahead()  # every step, with or without swaps of its own
+        if swaps.wait_for_copies:
+            self.swapper.wait_ahead()  # a block this step rewrites may still be read by an ahead copy
         if has_swaps:
             self.swapper.begin(swaps)
         if not out.chunks:
@@ -298,9 +302,10 @@ class Swapper:
     first, then swap-ins; layer i's attention waits only for layer i's copies.
     Ahead-of-time swap-outs run after the forward pass has been issued, so swap-in
     goes first on the link. On CUDA the copies run on their own stream with one
-    event per layer and the next step's compute waits for the ahead-of-time
-    copies (their GPU slots may be reused then); on CPU the same calls run
-    synchronously, in the same order.
+    event per layer. Compute waits for ahead-of-time copies only in a step that
+    rewrites a block one of them may still be reading (``SwapPlan.wait_for_copies``,
+    set by the cache manager, which polls ``ahead_done`` through the runner); on
+    CPU the same calls run synchronously, in the same order.
 
     CUDA copy implementations (``swap_impl``): ``kernel`` moves all of a layer's
     blocks in one launch per tensor, the GPU reading or writing the pinned CPU
@@ -338,8 +343,8 @@ class Swapper:
                 self.events.append(event)
 
     def wait_ahead(self) -> None:
-        """The compute stream waits for the last step's ahead-of-time swap-outs: the
-        slots they read may be handed to new tokens from this step on."""
+        """The compute stream waits for every ahead-of-time swap-out issued so far (the
+        copy stream runs them in order): a slot one of them reads is rewritten this step."""
         if self.cuda and self.ahead_done is not None:
             torch.cuda.current_stream().wait_event(self.ahead_done)
             self.ahead_done = None
