@@ -8,7 +8,7 @@ set -uo pipefail
 OUT="${OUT:-/tmp/pensieve-out}"
 LOGS="$(mktemp -d)"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/engine:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/engine:$PWD/kernels:$PWD/common:$PWD/router:$PWD/operator${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 # STEPS (space-separated names below) picks a subset: STEPS="kernel_tests kernels_bench" bash bench/gpu_session.sh
 STEPS="${STEPS:-kernel_tests engine_gpu_tests speed_engine speed_hf speed_http kernels_bench swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
