@@ -87,6 +87,8 @@ def shapes(smoke):
     return {
         "decode_64x4k": [(1, 4095)] * 64,
         "decode_256x1k": [(1, 1023)] * 256,
+        "decode_256x600": [(1, 599)] * 256,   # the engine benchmark's 256 x (512 + 128) decode
+        "decode_64x1.3k": [(1, 1339)] * 64,   # ... and its 64 x (1240 + 200) decode
         "extend_32x200@4k": [(200, 4096)] * 32,
         "mixed_2x2048+64x4k": [(2048, 0)] * 2 + [(1, 4095)] * 64,
     }
@@ -326,6 +328,10 @@ def variants_for(smoke):
                 ("pensieve_bn32_s4", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=32, num_stages_small=4)}),
                 ("pensieve_bn128_s3", {"num_splits": 1, "config": cfg(GPU_CONFIG, num_stages_small=3)}),
                 ("pensieve_bn128_w8", {"num_splits": 1, "config": cfg(GPU_CONFIG, num_warps_small=8)}),
+                ("pensieve_bn64_s2", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=64)}),
+                ("pensieve_bn64_w2", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=64, num_warps_small=2)}),
+                ("pensieve_bn256_w8", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=256, num_warps_small=8)}),
+                ("pensieve_split4", {"num_splits": 4}),
             ]
         else:
             def large(m, n, w, st):
