@@ -328,8 +328,8 @@ def variants_for(smoke):
                 ("pensieve_bn32_s4", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=32, num_stages_small=4)}),
                 ("pensieve_bn128_s3", {"num_splits": 1, "config": cfg(GPU_CONFIG, num_stages_small=3)}),
                 ("pensieve_bn128_w8", {"num_splits": 1, "config": cfg(GPU_CONFIG, num_warps_small=8)}),
-                ("pensieve_bn64_s2", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=64)}),
-                ("pensieve_bn64_w2", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=64, num_warps_small=2)}),
+                ("pensieve_bn128_w4", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=128, num_warps_small=4)}),
+                ("pensieve_bn64_w4", {"num_splits": 1, "config": cfg(GPU_CONFIG, num_warps_small=4)}),
                 ("pensieve_bn256_w8", {"num_splits": 1, "config": cfg(GPU_CONFIG, block_n_small=256, num_warps_small=8)}),
                 ("pensieve_split4", {"num_splits": 4}),
             ]

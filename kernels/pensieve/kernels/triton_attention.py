@@ -289,21 +289,22 @@ def _split_merge_kernel(
 class TileConfig:
     """Tile shapes per phase. ``block_m_*`` count rows (tokens x padded GQA group).
 
-    Defaults: the fastest of the variants ``bench/kernels.py`` timed on an H100
-    (Llama-3-8B heads, block size 32; bench/results/kernels_h100.md): decode
-    streams 128 keys per iteration in 2 stages; extend/mixed tiles are 64 rows
-    by 64 keys with 4 warps and 3 stages (more programs and less register
-    pressure than 128 x 64 with 8 warps, which was 24% slower on extend and
-    20% on mixed).
+    Defaults: the fastest of the variants ``bench/kernels.py`` timed. Extend and
+    mixed (H100, Llama-3-8B heads, block size 32): 64 rows by 64 keys with 4
+    warps and 3 stages (more programs and less register pressure than 128 x 64
+    with 8 warps, which was 24% slower on extend and 20% on mixed). Decode (H200,
+    the engine benchmark's 256 x 600 and 64 x 1.3k decodes and 256 x 1k): 64 keys
+    per iteration with 2 warps, 4-7% faster than 128 keys with 4 warps, which won
+    on the H100's longer 4k decodes.
     """
 
     block_m_large: int = 64
     block_n_large: int = 64
     block_m_small: int = 16
-    block_n_small: int = 128
+    block_n_small: int = 64
     num_warps_large: int = 4
     num_stages_large: int = 3
-    num_warps_small: int = 4
+    num_warps_small: int = 2
     num_stages_small: int = 2
 
 
