@@ -78,11 +78,30 @@ def test_top_k_and_top_p_filters():
 def test_sampler_greedy_and_seeded():
     logits = torch.randn(3, 50)
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3), SamplingParams(top_k=1)]
-    gens = [None, torch.Generator().manual_seed(3), None]
-    tokens = Sampler()(logits, params, gens)
+    tokens = Sampler()(logits, params, [0, 3, 0], [0, 5, 0])
     assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
-    again = Sampler()(logits, params, [None, torch.Generator().manual_seed(3), None])
-    assert again == tokens
+    assert Sampler()(logits, params, [0, 3, 0], [0, 5, 0]) == tokens
+    # the same row alone (another batch) draws the same token
+    assert Sampler()(logits[1:2], params[1:2], [3], [5]) == tokens[1:2]
+
+
+def test_sampler_draws_from_the_distribution():
+    """Exponential race over hashed uniforms: frequencies follow softmax(logits / T) and respect top-k."""
+    from pensieve.engine.sampling import uniform_noise
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    probs = torch.softmax(logits, -1)[0]
+    n = 4000
+    params = [SamplingParams(temperature=1.0, seed=11)] * n
+    drawn = Sampler()(logits.expand(n, -1), params, [11] * n, list(range(n)))  # one request, n positions
+    freq = torch.bincount(torch.tensor(drawn), minlength=5).float() / n
+    assert (freq - probs).abs().max() < 0.03, (freq, probs)
+    top2 = Sampler()(logits.expand(200, -1), [SamplingParams(temperature=1.0, top_k=2)] * 200, [7] * 200,
+                     list(range(200)))
+    assert set(top2) == {0, 1}
+    u = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 1000)
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.03
+    assert not torch.equal(u[0], u[1])
 
 
 def test_config_refuses_unknown_choices_on_both_paths():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -119,6 +120,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.last_step: StepInfo | None = None
         self.inflight: InFlight | None = None
+        self._seeds = random.Random(config.seed)  # sampler seeds of requests that give none
         self.async_scheduling = config.async_scheduling == "on" or (
             config.async_scheduling == "auto" and self.device.type == "cuda")
         self._ids = itertools.count()
@@ -182,9 +184,7 @@ class LLMEngine:
             session.last_active = time.monotonic()
             session.num_turns += 1
         req = Request(request_id, list(token_ids), len(token_ids), params, max_tokens, session=session)
-        seed = params.seed
-        if seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        req.seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -324,7 +324,8 @@ class LLMEngine:
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_batched_tokens
         sampling = [c.request for c in sched.chunks if c.samples]
-        tokens = self.sampler.sample(logits, [r.params for r in sampling], [r.generator for r in sampling])
+        tokens = self.sampler.sample(logits, [r.params for r in sampling], [r.seed for r in sampling],
+                                     [len(r.token_ids) - r.num_prompt_tokens for r in sampling])
         for chunk in sched.chunks:
             if chunk.recompute:
                 chunk.request.recompute_pos += chunk.num_tokens

@@ -5,8 +5,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from .sampling import SamplingParams
 
 
@@ -94,7 +92,7 @@ class Request:
     admitted: bool = False
     suspended: bool = False
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0  # of the sampler's noise (the request's own, or drawn at random when it gave none)
     detokenizer: object | None = None
     output_text: str = ""
     emitted_text_len: int = 0

@@ -70,34 +70,75 @@ def _check_stop(stop) -> list[str]:
 
 
 class Sampler:
-    """Turns the last-position logits of a batch into one token per row.
+    """Turns the last-position logits of a batch into one token per row, on the device.
 
     Greedy rows take the argmax. Other rows apply temperature, top-k and top-p
-    and draw with their own generator when the request gave a seed (so a
-    seeded request gives the same tokens whatever it is batched with).
+    (batched tensor operations) and then race exponentials: the token is
+    argmax(p / E) with E = -log(u), which draws from p. The uniforms u come from
+    a counter-based hash of (the request's seed, the output position, the token
+    id), so a seeded request gives the same tokens whatever it is batched with,
+    on any device, and no request needs a generator of its own: there is no
+    per-request loop on the host.
     """
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> list[int]:
-        return self.sample(logits, params, generators).tolist()
+    ROWS_PER_CHUNK = 16  # rows hashed at once: bounds the [rows, vocab] int64 temporaries
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> torch.Tensor:
-        """One token id per row, as an int64 tensor on the logits' device (no host sync)."""
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+                 positions: list[int]) -> list[int]:
+        return self.sample(logits, params, seeds, positions).tolist()
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+               positions: list[int]) -> torch.Tensor:
+        """One token id per row, as an int64 tensor on the logits' device (no host sync).
+        ``seeds[i]``/``positions[i]``: row i's request seed and the index of the output token drawn."""
         logits = logits.float()
         tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:  # greedy batches (the common serving case) skip all of this
-            rows = torch.tensor(random_rows, device=logits.device)
-            sub = logits.index_select(0, rows)
-            temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
-            sub = sub / temps.unsqueeze(1)
-            sub = _apply_top_k(sub, [params[i].top_k for i in random_rows])
-            sub = _apply_top_p(sub, [params[i].top_p for i in random_rows])
-            probs = torch.softmax(sub, dim=-1)
-            for j, i in enumerate(random_rows):
-                tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
+        if not random_rows:  # greedy batches (the common serving case) stop here
+            return tokens
+        dev = logits.device
+        rows = torch.tensor(random_rows, device=dev)
+        sub = logits.index_select(0, rows)
+        temps = torch.tensor([params[i].temperature for i in random_rows], device=dev)
+        sub = sub / temps.unsqueeze(1)
+        sub = _apply_top_k(sub, [params[i].top_k for i in random_rows])
+        sub = _apply_top_p(sub, [params[i].top_p for i in random_rows])
+        probs = torch.softmax(sub, dim=-1)
+        seed_t = torch.tensor([seeds[i] for i in random_rows], dtype=torch.int64, device=dev)
+        pos_t = torch.tensor([positions[i] for i in random_rows], dtype=torch.int64, device=dev)
+        drawn = []
+        for c in range(0, len(random_rows), self.ROWS_PER_CHUNK):
+            part = slice(c, c + self.ROWS_PER_CHUNK)
+            u = uniform_noise(seed_t[part], pos_t[part], probs.shape[1])
+            drawn.append(torch.argmax(probs[part] / -torch.log(u), dim=-1))
+        tokens[rows] = torch.cat(drawn)
         return tokens
+
+
+def _signed64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# splitmix64's constants, as int64 (torch multiplies int64 modulo 2^64)
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_MIX1 = _signed64(0xBF58476D1CE4E5B9)
+_MIX2 = _signed64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> keeps the sign)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 [rows, vocab] in (0, 1): splitmix64 of (seed, position, token id). The same
+    numbers on every device and in every batch."""
+    ids = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
+    z = seeds[:, None] * _GOLDEN + positions[:, None] * _MIX1 + ids[None, :] + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return ((_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24)))
 
 
 def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
