@@ -28,7 +28,6 @@ tokens: near 0 means the host, not the GPU, sets the pace.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os

@@ -188,7 +188,7 @@ def test_sharded_checkpoint_loads(tiny_checkpoint, tmp_path):
 
 
 def test_swap_dma_runs_merge_adjacent_pairs_only():
-    from pensieve.engine.runner import _runs
+    from pensieve.engine.swapper import _runs
 
     assert _runs([]) == []
     assert _runs([(4, 10), (5, 11), (6, 12), (9, 13), (10, 2), (11, 3), (12, 5)]) == [
