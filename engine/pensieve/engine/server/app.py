@@ -19,27 +19,38 @@ request while one is in flight gets 409 ``session_busy``. A session belongs to
 the API key that created it; other keys get 404, as if it did not exist.
 
 Status codes: 400 bad input (also a context too long: code
-``context_length_exceeded``), 401 missing or wrong key, 404 unknown model,
-session or route, 405 wrong method, 409 session busy, 413 body over
-``--max-body-bytes``, 429 waiting queue full (Retry-After), 503 draining,
-500 an internal error. Request body extensions: ``session_id``,
-``session_mode``, ``ignore_eos``, ``top_k``.
+``context_length_exceeded``; a prompt the tokenizer or the chat template
+refuses), 401 missing or wrong key, 404 unknown model, session or route, 405
+wrong method, 408 body not received within ``--body-timeout``, 409 session
+busy, 413 body over ``--max-body-bytes``, 429 waiting queue full
+(Retry-After), 503 draining (or ``--max-connections`` open), 500 an internal
+error. Request body extensions: ``session_id``, ``session_mode``,
+``ignore_eos``, ``top_k``.
+
+Prompts are rendered and tokenized in a small thread pool of this process
+(``PromptEncoder``; the Rust tokenizer runs without the GIL), never on the
+engine thread: a huge prompt delays nobody else's step. Everything logged
+from a request goes through ``logsafe.clean``.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..errors import InvalidRequestError
+from . import memory
 from .config import ServerConfig
+from .logsafe import clean
 from .metrics import ServerMetrics
 from .protocol import (APIError, GenerationRequest, bad, check_session_id, from_engine_error, parse_chat,
                        parse_completion, parse_json_body, session_not_found)
@@ -47,6 +58,8 @@ from .snapshot import cache_config_labels
 from .worker import EngineWorker
 
 log = logging.getLogger("pensieve.server")
+
+TOKENIZER_THREADS = min(4, os.cpu_count() or 1)
 
 
 class _History:
@@ -69,6 +82,7 @@ class PensieveServer:
         self.model_names = {engine.served_model_name, engine.config.model}
         self._keys = {k.encode(): _owner_of(k) for k in config.api_key}
         self.histories: dict[str, _History] = {}
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="pensieve-tokenize")
         self.inflight: set[str] = set()
         self.draining = False
         self.drained = asyncio.Event()
@@ -101,6 +115,7 @@ class PensieveServer:
 
     def stop_worker(self) -> None:
         self.worker.stop()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ middleware
     @web.middleware
@@ -145,12 +160,13 @@ class PensieveServer:
             status = 499  # the client went away (nginx's convention)
             raise
         except Exception:
-            log.exception("req=%s %s %s failed", rid, request.method, path)
+            log.exception("req=%s %s %s failed", rid, clean(request.method), clean(path))
             return _error_response(APIError(500, "internal error", type="server_error", code="internal_error"), rid)
         finally:
             if path not in ("/metrics", "/health", "/ready"):
-                extra = " ".join(f"{k}={v}" for k, v in request["log"].items())
-                log.info("req=%s %s %s %d %.3fs %s", rid, request.method, path, status, time.monotonic() - t0, extra)
+                extra = " ".join(f"{k}={clean(v)}" for k, v in request["log"].items())
+                log.info("req=%s %s %s %d %.3fs %s", rid, clean(request.method), clean(path), status,
+                         time.monotonic() - t0, extra)
 
     def _authenticate(self, request: web.Request) -> str | None:
         if not self._keys:
@@ -249,8 +265,27 @@ class PensieveServer:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+        try:  # raises HTTPRequestEntityTooLarge past client_max_size
+            raw = await asyncio.wait_for(request.read(), self.config.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.config.body_timeout:g} seconds",
+                           code="request_timeout", headers={"Connection": "close"}) from None
         return parse_json_body(raw)
+
+    async def _encode(self, messages: list[dict] | None, prompt: str | list[int] | None) -> list[int]:
+        """The prompt's token ids, computed in the tokenizer pool (the engine thread only gets ids).
+        Token-id prompts pass through: the engine checks them against its vocabulary."""
+        enc = self.engine.prompts
+        if messages is not None:
+            fn, size = functools.partial(enc.encode_chat, messages), sum(len(m["content"]) for m in messages)
+        elif isinstance(prompt, str):
+            fn, size = functools.partial(enc.encode_text, prompt), len(prompt)
+        else:
+            return prompt
+        try:
+            return await self.loop.run_in_executor(self._tokenizer_pool, _encode_then_trim, fn, size)
+        except Exception as e:
+            raise from_engine_error(e) from None
 
     def _session_of(self, request: web.Request, greq: GenerationRequest) -> str | None:
         header = request.headers.get("X-Session-ID")
@@ -283,24 +318,15 @@ class PensieveServer:
                 raise session_not_found(sid)
             messages = (list(hist.messages) if hist is not None else []) + greq.messages
         params = greq.params
-        prompt = greq.prompt
-
-        def build(engine):
-            if messages is None:
-                return prompt, params
-            try:
-                return engine.encode_chat(messages), params
-            except Exception as e:  # the template refused the conversation (e.g. role order)
-                raise InvalidRequestError(f"the chat template could not render these messages: {e}",
-                                          "messages") from None
 
         rid = ("chatcmpl-" if greq.kind == "chat" else "cmpl-") + request["rid"]
         lg["id"] = rid
         self.inflight.add(rid)
         self._idle.clear()
-        fut, queue = self.worker.add(rid, build, sid, owner)
         finished = False
         try:
+            prompt_ids = await self._encode(messages, greq.prompt)
+            fut, queue = self.worker.add(rid, lambda engine: (prompt_ids, params), sid, owner)
             try:
                 num_prompt = await fut
             except Exception as e:
@@ -490,4 +516,16 @@ def _owner_of(key: str) -> str:
 
 def _error_response(e: APIError, rid: str) -> web.Response:
     headers = {"X-Request-ID": rid, **e.headers}
-    return web.json_response(e.body(), status=e.status, headers=headers)
+    resp = web.json_response(e.body(), status=e.status, headers=headers)
+    if headers.get("Connection") == "close":
+        resp.force_close()
+    return resp
+
+
+def _encode_then_trim(fn, size: int):
+    """Run in the tokenizer pool: ``fn()``, then hand a big prompt's freed memory back to the OS."""
+    try:
+        return fn()
+    finally:
+        if size >= memory.BIG_PROMPT_CHARS:
+            memory.trim()
