@@ -163,6 +163,8 @@ class PensieveServer:
             log.exception("req=%s %s %s failed", rid, clean(request.method), clean(path))
             return _error_response(APIError(500, "internal error", type="server_error", code="internal_error"), rid)
         finally:
+            if request.get("body_bytes", 0) >= memory.BIG_BODY_BYTES:
+                self._tokenizer_pool.submit(memory.trim)  # its body, text and tokens are garbage by now
             if path not in ("/metrics", "/health", "/ready"):
                 extra = " ".join(f"{k}={clean(v)}" for k, v in request["log"].items())
                 log.info("req=%s %s %s %d %.3fs %s", rid, clean(request.method), clean(path), status,
@@ -265,11 +267,12 @@ class PensieveServer:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-        try:  # raises HTTPRequestEntityTooLarge past client_max_size
-            raw = await asyncio.wait_for(request.read(), self.config.body_timeout)
+        try:
+            raw = await asyncio.wait_for(_read_body(request, limit), self.config.body_timeout)
         except asyncio.TimeoutError:
             raise APIError(408, f"the request body did not arrive within {self.config.body_timeout:g} seconds",
                            code="request_timeout", headers={"Connection": "close"}) from None
+        request["body_bytes"] = len(raw)
         return parse_json_body(raw)
 
     async def _encode(self, messages: list[dict] | None, prompt: str | list[int] | None) -> list[int]:
@@ -277,13 +280,13 @@ class PensieveServer:
         Token-id prompts pass through: the engine checks them against its vocabulary."""
         enc = self.engine.prompts
         if messages is not None:
-            fn, size = functools.partial(enc.encode_chat, messages), sum(len(m["content"]) for m in messages)
+            fn = functools.partial(enc.encode_chat, messages)
         elif isinstance(prompt, str):
-            fn, size = functools.partial(enc.encode_text, prompt), len(prompt)
+            fn = functools.partial(enc.encode_text, prompt)
         else:
             return prompt
         try:
-            return await self.loop.run_in_executor(self._tokenizer_pool, _encode_then_trim, fn, size)
+            return await self.loop.run_in_executor(self._tokenizer_pool, fn)
         except Exception as e:
             raise from_engine_error(e) from None
 
@@ -522,10 +525,12 @@ def _error_response(e: APIError, rid: str) -> web.Response:
     return resp
 
 
-def _encode_then_trim(fn, size: int):
-    """Run in the tokenizer pool: ``fn()``, then hand a big prompt's freed memory back to the OS."""
-    try:
-        return fn()
-    finally:
-        if size >= memory.BIG_PROMPT_CHARS:
-            memory.trim()
+async def _read_body(request: web.Request, limit: int) -> bytearray:
+    """The whole body, at most ``limit`` bytes (413 beyond). Unlike ``request.read()`` it is not
+    cached on the request, which aiohttp keeps alive until the connection's next request."""
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    return body

@@ -4,10 +4,12 @@ Tokenizing a multi-megabyte prompt makes hundreds of megabytes of small
 allocations (one per token) in the tokenizer's thread; once freed, glibc
 keeps those pages in the thread's arena, so without a trim the server's RSS
 stays up by about 100 MiB per such request (issue 15, item 2).
+The request's body and its JSON text (megabytes, allocated from the heap
+once glibc's adaptive mmap threshold has grown) stay as well.
 ``malloc_trim(0)`` returns the free pages of every arena. It costs a walk of
-the free lists, so it runs only after a prompt of ``BIG_PROMPT_CHARS`` or
-more, in the tokenizer pool (never on the event loop or the engine thread).
-Elsewhere than glibc it does nothing.
+the free lists, so the server calls it only once a request with a body of
+``BIG_BODY_BYTES`` or more is done, in the tokenizer pool (never on the event
+loop or the engine thread). Elsewhere than glibc it does nothing.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import logging
 
 log = logging.getLogger("pensieve.server")
 
-BIG_PROMPT_CHARS = 1 << 20
+BIG_BODY_BYTES = 1 << 20
 
 
 def _load_trim():
