@@ -31,21 +31,27 @@ BODY = b'{"model": "' + MODEL.encode() + b'", "prompt": "hello", "max_tokens": 2
 
 @pytest.fixture(scope="module")
 def capped_server(tiny_ckpt, tmp_path_factory):
-    srv = start_server(tiny_ckpt, tmp_path_factory.mktemp("logs") / "slow.log", "--max-connections", str(CAP),
-                       env={"PENSIEVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "PENSIEVE_BODY_TIMEOUT": str(BODY_TIMEOUT)})
+    srv = start_server(tiny_ckpt, tmp_path_factory.mktemp("logs") / "slow.log",
+                       env={"PENSIEVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "PENSIEVE_BODY_TIMEOUT": str(BODY_TIMEOUT),
+                            "PENSIEVE_MAX_CONNECTIONS": str(CAP)})
     yield srv
     stop_server(srv)
 
 
+GIVE_UP = 10.0  # seconds a slow client keeps trying (a server without timeouts never closes it)
+
+
 async def _dribble(host: str, port: int, data: bytes, prefix: bytes = b"") -> tuple[float, bytes]:
     """Send ``prefix`` at once, then ``data`` one byte every 0.2 s; returns (seconds until the server
-    closed the connection, what it answered)."""
+    closed the connection, or infinity if it had not after GIVE_UP seconds; what it answered)."""
     reader, writer = await asyncio.open_connection(host, port)
     t0 = time.monotonic()
     answer = b""
     try:
         writer.write(prefix)
         for i in range(len(data)):
+            if time.monotonic() - t0 > GIVE_UP:
+                return float("inf"), answer
             writer.write(data[i:i + 1])
             await writer.drain()
             try:

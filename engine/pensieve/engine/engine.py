@@ -114,10 +114,7 @@ class LLMEngine:
             raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size {vocab}, got "
                                       f"{max(params.logit_bias)}", "logit_bias")
         token_ids = self._tokenize(prompt)
-        if len(token_ids) >= self.max_model_len:
-            raise ContextLengthExceededError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(token_ids)} (at least one token must be left to generate)")
+        self.prompts.check_len(len(token_ids), "messages")
         max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
         blocks_needed = -(-(len(token_ids) + max_tokens) // self.config.block_size)
         if blocks_needed > self.num_gpu_blocks:
@@ -255,6 +252,7 @@ class LLMEngine:
                 raise InvalidRequestError("prompt is empty", "prompt")
             ids = self.prompts.encode_text(prompt)
         elif isinstance(prompt, (list, tuple)):
+            self.prompts.check_len(len(prompt), "prompt")  # before the O(n) check below
             ids = list(prompt)
             vocab = self.model_config["vocab_size"]
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):

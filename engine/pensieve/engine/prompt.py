@@ -66,7 +66,7 @@ class PromptEncoder:
             if self._rust is not None:
                 enc = self._rust.encode_batch([text], add_special_tokens=add_special_tokens)[0]
                 n = len(enc)
-                self._check_len(n, param)
+                self.check_len(n, param)
                 ids = enc.ids
             else:
                 ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -75,10 +75,11 @@ class PromptEncoder:
         except Exception as e:  # e.g. a lone surrogate: the tokenizer only takes valid Unicode
             raise InvalidRequestError(f"the {param} could not be tokenized: {_why(e, text)}", param,
                                       code="invalid_value") from None
-        self._check_len(len(ids), param)
+        self.check_len(len(ids), param)
         return ids
 
-    def _check_len(self, n: int, param: str) -> None:
+    def check_len(self, n: int, param: str) -> None:
+        """A prompt of ``n`` tokens must leave at least one to generate."""
         if n >= self.max_model_len:
             raise ContextLengthExceededError(
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
