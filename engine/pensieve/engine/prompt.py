@@ -63,20 +63,23 @@ class PromptEncoder:
                 f"cannot hold more than {self.max_prompt_chars} (at most {self.longest_token} characters per "
                 f"token, x{NORMALIZATION_MARGIN} for Unicode normalization)", param=param)
         try:
-            if self._rust is not None:
-                enc = self._rust.encode_batch([text], add_special_tokens=add_special_tokens)[0]
-                n = len(enc)
-                self.check_len(n, param)
-                ids = enc.ids
-            else:
-                ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        except InvalidRequestError:
-            raise
+            n, ids = self._encode(text, add_special_tokens)
         except Exception as e:  # e.g. a lone surrogate: the tokenizer only takes valid Unicode
-            raise InvalidRequestError(f"the {param} could not be tokenized: {_why(e, text)}", param,
-                                      code="invalid_value") from None
-        self.check_len(len(ids), param)
-        return ids
+            why = _why(e, text)
+        else:
+            self.check_len(n, param)
+            return ids
+        raise InvalidRequestError(f"the {param} could not be tokenized: {why}", param, code="invalid_value")
+
+    def _encode(self, text: str, add_special_tokens: bool) -> tuple[int, list[int] | None]:
+        """(token count, ids); ids are None, never built, when they cannot fit. The Rust
+        encoding (megabytes for a long text) dies with this frame, before any error is raised."""
+        if self._rust is None:
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return len(ids), ids
+        enc = self._rust.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        n = len(enc)
+        return n, (enc.ids if n < self.max_model_len else None)
 
     def check_len(self, n: int, param: str) -> None:
         """A prompt of ``n`` tokens must leave at least one to generate."""

@@ -288,7 +288,10 @@ class PensieveServer:
         try:
             return await self.loop.run_in_executor(self._tokenizer_pool, fn)
         except Exception as e:
-            raise from_engine_error(e) from None
+            err = from_engine_error(e)
+        # Raised outside the except block: the error must not chain the tokenizer's exception,
+        # whose traceback holds the prompt until the error is collected.
+        raise err
 
     def _session_of(self, request: web.Request, greq: GenerationRequest) -> str | None:
         header = request.headers.get("X-Session-ID")
