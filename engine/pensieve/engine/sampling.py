@@ -102,9 +102,11 @@ def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> to
     rows = [i for i, b in enumerate(biases) for _ in b]
     cols = [t for b in biases for t in b]
     vals = [v for b in biases for v in b.values()]
+    # Built on the host and copied without blocking: no wait for the GPU's queued work.
     dev = logits.device
-    index = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
-    return logits.index_put(index, torch.tensor(vals, device=dev, dtype=logits.dtype), accumulate=True)
+    index = (torch.tensor(rows).to(dev, non_blocking=True), torch.tensor(cols).to(dev, non_blocking=True))
+    values = torch.tensor(vals, dtype=logits.dtype).to(dev, non_blocking=True)
+    return logits.index_put(index, values, accumulate=True)
 
 
 def _check_logit_bias(bias) -> dict[int, float]:
