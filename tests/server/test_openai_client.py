@@ -91,3 +91,19 @@ def test_client_sees_openai_errors(client):
     assert info.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_logit_bias_and_response_format(client, tiny_ckpt):
+    """logit_bias as the client sends it ({"id": int}); json_object is refused, not ignored (issue 15)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_ckpt))
+    token = tok.encode(" cache", add_special_tokens=False)[0]
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                         temperature=0.7, seed=3, logit_bias={str(token): 100},
+                                         extra_body={"ignore_eos": True})
+    assert out.choices[0].message.content == tok.decode([token] * 4)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       response_format={"type": "json_object"})
+    assert e.value.code == "unsupported_value"

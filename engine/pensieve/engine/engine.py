@@ -29,6 +29,7 @@ from .config import EngineConfig
 from .cost_model import CostModel, load_or_profile, profile_cache_path
 from .detokenizer import IncrementalDetokenizer
 from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError, UnknownSessionError
+from .prompt import PromptEncoder
 from .request import Request, RequestOutput, RequestStatus, Session
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams
@@ -102,6 +103,7 @@ class LLMEngine:
         self.dtype = _pick_dtype(config.dtype, self.model_config, self.device)
         self.max_model_len = _max_model_len(config, self.model_config)
         self.tokenizer = load_tokenizer(config.model)
+        self.prompts = PromptEncoder(self.tokenizer, self.max_model_len)
         self.eos_token_ids = _eos_ids(config.model, self.model_config, self.tokenizer)
         self.served_model_name = config.served_model_name or config.model.rstrip("/").split("/")[-1]
         torch.manual_seed(config.seed)
@@ -144,9 +146,9 @@ class LLMEngine:
         return blocks * self.runner.bytes_per_block
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Render messages with the checkpoint's chat template and tokenize."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Render messages with the checkpoint's chat template and tokenize (InvalidRequestError if
+        the template or the tokenizer refuses them, ContextLengthExceededError if they cannot fit)."""
+        return self.prompts.encode_chat(messages)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, session_id: str | None = None,
@@ -156,11 +158,12 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
+        vocab = self.model_config["vocab_size"]
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias token ids must be below the vocabulary size {vocab}, got "
+                                      f"{max(params.logit_bias)}", "logit_bias")
         token_ids = self._tokenize(prompt)
-        if len(token_ids) >= self.max_model_len:
-            raise ContextLengthExceededError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{len(token_ids)} (at least one token must be left to generate)")
+        self.prompts.check_len(len(token_ids), "messages")
         max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
         blocks_needed = -(-(len(token_ids) + max_tokens) // self.config.block_size)
         if blocks_needed > self.num_gpu_blocks:
@@ -300,8 +303,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty", "prompt")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+            ids = self.prompts.encode_text(prompt)
         elif isinstance(prompt, (list, tuple)):
+            self.prompts.check_len(len(prompt), "prompt")  # before the O(n) check below
             ids = list(prompt)
             vocab = self.model_config["vocab_size"]
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):

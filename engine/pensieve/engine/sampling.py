@@ -10,6 +10,8 @@ from .errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -25,6 +27,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     detokenize: bool = True  # False: token ids only (stop strings still need text and turn it back on)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
 
     def __post_init__(self) -> None:
         """The one validation of sampling parameters (the HTTP protocol relies on it: codes
@@ -48,6 +51,7 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             fail("stop_token_ids must be a list of non-negative integers", "stop_token_ids", "invalid_type")
         self.stop_token_ids = list(self.stop_token_ids)
+        self.logit_bias = _check_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -91,7 +95,7 @@ class Sampler:
                positions: list[int]) -> torch.Tensor:
         """One token id per row, as an int64 tensor on the logits' device (no host sync).
         ``seeds[i]``/``positions[i]``: row i's request seed and the index of the output token drawn."""
-        logits = logits.float()
+        logits = apply_logit_bias(logits.float(), [p.logit_bias for p in params])
         tokens = torch.argmax(logits, dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:  # greedy batches (the common serving case) stop here
@@ -139,6 +143,48 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> t
     z = (z ^ _shr(z, 27)) * _MIX2
     z = z ^ _shr(z, 31)
     return ((_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24)))
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
+    """Add each row's ``{token id: bias}`` to its logits (before temperature, like OpenAI).
+
+    One scatter for the whole batch; the Python work is over the (at most 300)
+    entries per row, never over the vocabulary. Returns ``logits`` itself when
+    no row has a bias, a new tensor otherwise (the caller's is left untouched).
+    """
+    if not any(biases):
+        return logits
+    rows = [i for i, b in enumerate(biases) for _ in b]
+    cols = [t for b in biases for t in b]
+    vals = [v for b in biases for v in b.values()]
+    # Built on the host and copied without blocking: no wait for the GPU's queued work.
+    dev = logits.device
+    index = (torch.tensor(rows).to(dev, non_blocking=True), torch.tensor(cols).to(dev, non_blocking=True))
+    values = torch.tensor(vals, dtype=logits.dtype).to(dev, non_blocking=True)
+    return logits.index_put(index, values, accumulate=True)
+
+
+def _check_logit_bias(bias) -> dict[int, float]:
+    """OpenAI's logit_bias: at most 300 token ids (non-negative integers), each to a bias in [-100, 100].
+    The engine checks the ids against its vocabulary."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise InvalidRequestError("logit_bias must map token ids to numbers", "logit_bias")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}",
+                                  "logit_bias")
+    out = {}
+    for token, value in bias.items():
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise InvalidRequestError(f"logit_bias keys must be token ids (non-negative integers), got {token!r}",
+                                      "logit_bias")
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or value != value
+                or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+            raise InvalidRequestError(f"logit_bias values must be numbers in [-100, 100], got {value!r} "
+                                      f"for token {token}", "logit_bias")
+        out[token] = float(value)
+    return out
 
 
 def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:

@@ -20,27 +20,38 @@ request while one is in flight gets 409 ``session_busy``. A session belongs to
 the API key that created it; other keys get 404, as if it did not exist.
 
 Status codes: 400 bad input (also a context too long: code
-``context_length_exceeded``), 401 missing or wrong key, 404 unknown model,
-session or route, 405 wrong method, 409 session busy, 413 body over
-``--max-body-bytes``, 429 waiting queue full (Retry-After), 503 draining,
-500 an internal error. Request body extensions: ``session_id``,
-``session_mode``, ``ignore_eos``, ``top_k``.
+``context_length_exceeded``; a prompt the tokenizer or the chat template
+refuses), 401 missing or wrong key, 404 unknown model, session or route, 405
+wrong method, 408 body not received within ``--body-timeout``, 409 session
+busy, 413 body over ``--max-body-bytes``, 429 waiting queue full
+(Retry-After), 503 draining (or ``--max-connections`` open), 500 an internal
+error. Request body extensions: ``session_id``, ``session_mode``,
+``ignore_eos``, ``top_k``.
+
+Prompts are rendered and tokenized in a small thread pool of this process
+(``PromptEncoder``; the Rust tokenizer runs without the GIL), never on the
+engine thread: a huge prompt delays nobody else's step. Everything logged
+from a request goes through ``logsafe.clean``.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..errors import InvalidRequestError
+from . import memory
 from .config import ServerConfig
+from .logsafe import clean
 from .metrics import ServerMetrics
 from .protocol import (APIError, GenerationRequest, bad, check_session_id, from_engine_error, parse_chat,
                        parse_completion, parse_json_body, session_not_found)
@@ -48,6 +59,8 @@ from .snapshot import cache_config_labels
 from .worker import EngineWorker
 
 log = logging.getLogger("pensieve.server")
+
+TOKENIZER_THREADS = min(4, os.cpu_count() or 1)
 
 
 class _History:
@@ -70,6 +83,7 @@ class PensieveServer:
         self.model_names = {engine.served_model_name, engine.config.model}
         self._keys = {k.encode(): _owner_of(k) for k in config.api_key}
         self.histories: dict[str, _History] = {}
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="pensieve-tokenize")
         self.inflight: set[str] = set()
         self.draining = False
         self.drained = asyncio.Event()
@@ -102,6 +116,7 @@ class PensieveServer:
 
     def stop_worker(self) -> None:
         self.worker.stop()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ middleware
     @web.middleware
@@ -146,14 +161,17 @@ class PensieveServer:
             status = 499  # the client went away (nginx's convention)
             raise
         except Exception:
-            log.exception("req=%s %s %s failed", rid, request.method, path)
+            log.exception("req=%s %s %s failed", rid, clean(request.method), clean(path))
             if api and request.method == "POST":
                 self.metrics.count_outcome(500)
             return _error_response(APIError(500, "internal error", type="server_error", code="internal_error"), rid)
         finally:
+            if request.get("body_bytes", 0) >= memory.BIG_BODY_BYTES:
+                self._tokenizer_pool.submit(memory.trim)  # its body, text and tokens are garbage by now
             if path not in ("/metrics", "/health", "/ready"):
-                extra = " ".join(f"{k}={v}" for k, v in request["log"].items())
-                log.info("req=%s %s %s %d %.3fs %s", rid, request.method, path, status, time.monotonic() - t0, extra)
+                extra = " ".join(f"{k}={clean(v)}" for k, v in request["log"].items())
+                log.info("req=%s %s %s %d %.3fs %s", rid, clean(request.method), clean(path), status,
+                         time.monotonic() - t0, extra)
 
     def _authenticate(self, request: web.Request) -> str | None:
         if not self._keys:
@@ -252,8 +270,31 @@ class PensieveServer:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+        try:
+            raw = await asyncio.wait_for(_read_body(request, limit), self.config.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.config.body_timeout:g} seconds",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        request["body_bytes"] = len(raw)
         return parse_json_body(raw)
+
+    async def _encode(self, messages: list[dict] | None, prompt: str | list[int] | None) -> list[int]:
+        """The prompt's token ids, computed in the tokenizer pool (the engine thread only gets ids).
+        Token-id prompts pass through: the engine checks them against its vocabulary."""
+        enc = self.engine.prompts
+        if messages is not None:
+            fn = functools.partial(enc.encode_chat, messages)
+        elif isinstance(prompt, str):
+            fn = functools.partial(enc.encode_text, prompt)
+        else:
+            return prompt
+        try:
+            return await self.loop.run_in_executor(self._tokenizer_pool, fn)
+        except Exception as e:
+            err = from_engine_error(e)
+        # Raised outside the except block: the error must not chain the tokenizer's exception,
+        # whose traceback holds the prompt until the error is collected.
+        raise err
 
     def _session_of(self, request: web.Request, greq: GenerationRequest) -> str | None:
         header = request.headers.get("X-Session-ID")
@@ -286,24 +327,15 @@ class PensieveServer:
                 raise session_not_found(sid)
             messages = (list(hist.messages) if hist is not None else []) + greq.messages
         params = greq.params
-        prompt = greq.prompt
-
-        def build(engine):
-            if messages is None:
-                return prompt, params
-            try:
-                return engine.encode_chat(messages), params
-            except Exception as e:  # the template refused the conversation (e.g. role order)
-                raise InvalidRequestError(f"the chat template could not render these messages: {e}",
-                                          "messages") from None
 
         rid = ("chatcmpl-" if greq.kind == "chat" else "cmpl-") + request["rid"]
         lg["id"] = rid
         self.inflight.add(rid)
         self._idle.clear()
-        fut, queue = self.worker.add(rid, build, sid, owner)
         finished = False
         try:
+            prompt_ids = await self._encode(messages, greq.prompt)
+            fut, queue = self.worker.add(rid, lambda engine: (prompt_ids, params), sid, owner)
             try:
                 num_prompt = await fut
             except Exception as e:
@@ -494,4 +526,18 @@ def _owner_of(key: str) -> str:
 
 def _error_response(e: APIError, rid: str) -> web.Response:
     headers = {"X-Request-ID": rid, **e.headers}
-    return web.json_response(e.body(), status=e.status, headers=headers)
+    resp = web.json_response(e.body(), status=e.status, headers=headers)
+    if headers.get("Connection") == "close":
+        resp.force_close()
+    return resp
+
+
+async def _read_body(request: web.Request, limit: int) -> bytearray:
+    """The whole body, at most ``limit`` bytes (413 beyond). Unlike ``request.read()`` it is not
+    cached on the request, which aiohttp keeps alive until the connection's next request."""
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    return body

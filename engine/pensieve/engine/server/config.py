@@ -22,6 +22,12 @@ class ServerConfig:
     drain_timeout: float = opt(30.0, "seconds in-flight requests get to finish after SIGTERM before they are aborted")
     default_max_tokens: int | None = opt(None, "max_tokens of a request that gives none (default: fill the context)")
     max_session_id_len: int = opt(128, "longest accepted session id")
+    header_timeout: float = opt(30.0, "seconds a connection gets to deliver a complete request head, counted from "
+                                      "its opening or from its previous response (so also how long an idle "
+                                      "keep-alive connection stays open); then it is closed")
+    body_timeout: float = opt(60.0, "seconds a request gets to deliver its whole body (408 and the connection "
+                                    "closed beyond)")
+    max_connections: int = opt(1024, "most open client connections; one more is answered 503 and closed")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -34,4 +40,9 @@ class ServerConfig:
             raise InvalidRequestError("drain_timeout must be >= 0", "drain_timeout")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise InvalidRequestError("default_max_tokens must be >= 1", "default_max_tokens")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise InvalidRequestError(f"{name} must be > 0 seconds", name)
+        if self.max_connections < 1:
+            raise InvalidRequestError("max_connections must be >= 1", "max_connections")
         self.api_key = [k for k in (self.api_key or []) if k]

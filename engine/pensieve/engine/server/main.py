@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 
 from aiohttp import web
@@ -11,6 +12,7 @@ from aiohttp import web
 from ..config import EngineConfig, dataclass_from_args
 from .app import PensieveServer
 from .config import ServerConfig
+from .listener import CappedTCPSite
 
 log = logging.getLogger("pensieve.server")
 
@@ -19,9 +21,14 @@ async def start_server(engine, config: ServerConfig) -> tuple[PensieveServer, we
     """Start listening; returns the server, its runner and the bound port."""
     server = PensieveServer(engine, config, asyncio.get_running_loop())
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
-    runner = web.AppRunner(server.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    # keepalive_timeout: aiohttp closes a connection that has not delivered a complete request head
+    # this long after opening or after its previous response, which is the header read timeout.
+    # lingering_time: after an early answer (408, 413) the unread body is drained for at most 2 s
+    # (aiohttp's 10 s would let a slow client keep its connection that much longer).
+    runner = web.AppRunner(server.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=5.0,
+                           keepalive_timeout=config.header_timeout, lingering_time=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    site = CappedTCPSite(runner, config.host, config.port, config.max_connections)
     try:
         await site.start()
     except BaseException:
@@ -40,8 +47,9 @@ async def serve(engine, config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.begin_drain)
     auth = f"{len(config.api_key)} API key(s)" if config.api_key else "no authentication"
-    log.info("serving %r on http://%s:%d (%s, max %d waiting requests)", engine.served_model_name,
-             config.host, port, auth, config.max_waiting_requests)
+    log.info("serving %r on http://%s:%d (%s, max %d waiting requests, max %d connections, header/body "
+             "timeouts %gs/%gs)", engine.served_model_name, config.host, port, auth, config.max_waiting_requests,
+             config.max_connections, config.header_timeout, config.body_timeout)
     try:
         await server.drained.wait()
     finally:
@@ -51,11 +59,26 @@ async def serve(engine, config: ServerConfig) -> int:
     return 0
 
 
+def _raise_fd_limit(max_connections: int) -> None:
+    """Each connection is a file descriptor: lift the soft limit to fit ``max_connections`` plus a
+    reserve for the model files and logs, as far as the hard limit allows."""
+    want = max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        log.warning("the open-file limit (%d) is below --max-connections %d plus a reserve of 256", new,
+                    max_connections)
+
+
 def run_server(args: argparse.Namespace) -> int:
     from ..engine import LLMEngine
 
     engine_config = dataclass_from_args(EngineConfig, args)
     server_config = dataclass_from_args(ServerConfig, args)
+    _raise_fd_limit(server_config.max_connections)
     engine = LLMEngine(engine_config)
     try:
         return asyncio.run(serve(engine, server_config))

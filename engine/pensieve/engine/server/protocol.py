@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..errors import (ContextLengthExceededError, InvalidRequestError, PensieveError, QueueFullError,
                       SessionBusyError, UnknownSessionError)
 from ..checks import is_int, is_number
-from ..sampling import SamplingParams
+from ..sampling import MAX_LOGIT_BIAS_ENTRIES, SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 SESSION_MODES = ("full", "append")
@@ -215,6 +215,8 @@ def _common(body: dict, kind: str, server_cfg) -> dict:
         raise bad("logprobs are not supported", "logprobs", "unsupported_value")
     if body.get("tools") or body.get("functions"):
         raise bad("tools are not supported", "tools", "unsupported_value")
+    _check_response_format(body.get("response_format"))
+    logit_bias = _logit_bias(body.get("logit_bias"))
     max_tokens = get_int(body, "max_completion_tokens", None, lo=1) if kind == "chat" else None
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", None, lo=1)
@@ -234,8 +236,8 @@ def _common(body: dict, kind: str, server_cfg) -> dict:
         max_tokens = server_cfg.default_max_tokens or (1 << 30)  # the engine clamps to the context left
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, stop=body.get("stop"), ignore_eos=ignore_eos)
-    except InvalidRequestError as e:  # stop strings are checked there only
+                                seed=seed, stop=body.get("stop"), ignore_eos=ignore_eos, logit_bias=logit_bias)
+    except InvalidRequestError as e:  # stop strings and logit_bias values are checked there only
         raise bad(e.message, e.param, e.code or "invalid_value") from None
     session_id = body.get("session_id")
     if session_id is not None:
@@ -243,6 +245,47 @@ def _common(body: dict, kind: str, server_cfg) -> dict:
     session_mode = get_str(body, "session_mode", "full", SESSION_MODES)
     return dict(model=model, params=params, stream=stream, include_usage=include_usage,
                 session_id=session_id, session_mode=session_mode)
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _check_response_format(value) -> None:
+    """``text`` is what the engine does anyway. Structured output (``json_object``,
+    ``json_schema``) is refused rather than silently ignored: it needs a grammar
+    matcher stepping with every sampled token, which the engine does not have."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise bad("response_format must be an object such as {\"type\": \"text\"}", "response_format",
+                  "invalid_type")
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise bad(f"response_format.type must be one of {list(RESPONSE_FORMATS)}, got {kind!r}", "response_format",
+                  "invalid_value")
+    if kind != "text":
+        raise bad(f"response_format {kind!r} (structured output) is not supported; only 'text'",
+                  "response_format", "unsupported_value")
+
+
+def _logit_bias(value) -> dict[int, float]:
+    """JSON object keys are strings: {"50256": -100} -> {50256: -100.0}; the rest is
+    checked by SamplingParams (size, range) and the engine (vocabulary)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad("logit_bias must be an object mapping token ids to numbers in [-100, 100]", "logit_bias",
+                  "invalid_type")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise bad(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(value)}", "logit_bias",
+                  "invalid_value")
+    out = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise bad(f"logit_bias keys must be token ids (decimal integers), got {key!r}", "logit_bias",
+                      "invalid_value")
+        out[int(key)] = bias
+    return out
 
 
 def parse_chat(body: dict, server_cfg) -> GenerationRequest:

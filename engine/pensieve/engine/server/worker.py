@@ -67,7 +67,8 @@ class EngineWorker:
     def add(self, request_id: str, build: Callable[[Any], tuple], session_id: str | None,
             owner: str | None) -> tuple[asyncio.Future, asyncio.Queue]:
         """Queue a request. ``build(engine)`` runs on the engine thread and returns
-        ``(prompt, SamplingParams)`` (tokenizing there keeps the tokenizer single-threaded).
+        ``(prompt, SamplingParams)``; it must be cheap (the server passes token ids, tokenized
+        beforehand in its own pool, so no prompt ever delays a step).
         Returns a future (the prompt's token count, or the error) and the queue of its outputs."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
