@@ -57,7 +57,7 @@ def test_crd_is_structural_and_complete():
     assert v["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
                                           "labelSelectorPath": ".status.selector"}
     assert "status" in v["subresources"]
-    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Ready", "Replicas", "Endpoint", "Age"]
+    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Ready", "Degraded", "Replicas", "Endpoint", "Age"]
     schema = v["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         if path == "$.metadata":
@@ -109,7 +109,7 @@ def test_operator_deployment_and_rbac():
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e["value"] for e in c["env"]}
     assert Settings.from_env(env) == Settings()  # the manifest spells out the defaults
-    assert set(env) == {"PENSIEVE_OPERATOR_" + f.name.upper() for f in dataclasses.fields(Settings)} - {"PENSIEVE_OPERATOR_LOG_FORMAT"}
+    assert set(env) == {"PENSIEVE_OPERATOR_" + f.name.upper() for f in dataclasses.fields(Settings)}
     rules = [d for d in load_all(ROOT / "manifests" / "rbac.yaml") if d["kind"] == "ClusterRole"][0]["rules"]
     # Every child the operator renders (on old and new clusters) is covered, with no wildcard anywhere.
     for old in (True, False):

@@ -2,6 +2,7 @@
 every kind and API version (the versions come from discovery at run time)."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from typing import Any
@@ -91,6 +92,18 @@ class Kube:
             self.request("DELETE", api.path(namespace, name), body)
         except NotFound:
             pass
+
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str, *, component: str) -> None:
+        """A core/v1 Event about `obj` (posted by the operator's client, from handlers and loops alike)."""
+        meta = obj["metadata"]
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
+                                   "namespace": meta["namespace"], "uid": meta.get("uid")},
+                "type": type_, "reason": reason, "message": message[:1000], "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now, "source": {"component": component}}
+        self.create(EVENTS, meta["namespace"], body)
 
     # Discovery ---------------------------------------------------------------------------------------
     def served(self, group: str, version: str) -> list[str] | None:

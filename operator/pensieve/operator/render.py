@@ -15,7 +15,7 @@ from . import GROUP, KIND, VERSION
 from .discovery import ApiVersions, ApiRef
 from .quantity import format_bytes
 from .settings import Settings
-from .sizing import GPU_RESOURCE, LABEL_GPU_PRODUCT, Sizing
+from .sizing import GPU_RESOURCE, LABEL_GPU_PRODUCT, SIZING_ANNOTATION, AppliedSize, Sizing
 from .spec import PensieveSpec
 
 MANAGED_BY = "pensieve-operator"
@@ -202,9 +202,12 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
         pod_spec["tolerations"] = [dict(t) for t in spec.resources.tolerations]
     template_meta = {"labels": labels(spec.name, "engine"),
                      "annotations": {CONFIG_HASH: config_hash(engine_env(spec, sizing))}}
+    meta = _meta(spec, n["engine"], "engine", owner)
+    # The applied size, kept while the spec's sizing inputs are unchanged (sizing.stable_sizing).
+    meta["annotations"] = {SIZING_ANNOTATION: AppliedSize.of(spec, sizing).to_annotation()}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": _meta(spec, n["engine"], "engine", owner),
+        "metadata": meta,
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": sel},

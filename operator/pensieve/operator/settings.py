@@ -9,6 +9,7 @@ import os
 from typing import Mapping
 
 PREFIX = "PENSIEVE_OPERATOR_"
+LOG_FORMATS = ("plain", "full", "json")
 
 
 def _bool(v: str) -> bool:
@@ -46,6 +47,7 @@ class Settings:
     liveness: str = "0.0.0.0:8080"
     # Create a ServiceMonitor only when spec.monitoring.serviceMonitor and the CRD exists.
     service_monitor: bool = True
+    # Operator log lines: plain | full | json (kopf's formats; one handler, each line once).
     log_format: str = "plain"
 
     @classmethod
@@ -77,6 +79,8 @@ class Settings:
             raise ValueError(f"{PREFIX}RESYNC_SECONDS must be > 0")
         if self.deletion_cost_seconds <= 0 or self.deletion_cost_timeout_seconds <= 0:
             raise ValueError(f"{PREFIX}DELETION_COST_SECONDS and _TIMEOUT_SECONDS must be > 0")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"{PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
 
 
 def _quantity_or_int(raw: str) -> int:
