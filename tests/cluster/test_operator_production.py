@@ -89,23 +89,16 @@ def test_a_smaller_node_joining_does_not_roll_serving_pods(api, co, apps, core, 
         core.delete_node(small)
 
 
-# 2 and 4 ---------------------------------------------------------------------------------------------
-def test_unfit_edit_keeps_serving_and_a_fix_is_acted_on_at_once(co, namespace, operator_runner, tmp_path):
-    """With the production resync period (60 s), a refused spec is reported at once, Ready stays
-    True while the old pods serve, and fixing the spec is acted on within 5 s."""
+# 2 -------------------------------------------------------------------------------------------------
+def test_a_fixed_spec_is_acted_on_at_once(co, namespace, operator_runner, tmp_path):
+    """With the production resync period (60 s), fixing a refused spec is acted on within 5 s."""
     operator_runner.stop()
     proc = _start_operator_process(tmp_path, 0, PENSIEVE_OPERATOR_RESYNC_SECONDS="60")
     try:
         create_pdep(co, namespace, sample())
         wait_ready(co, namespace, "chat", timeout=90)
         co.patch_namespaced_custom_object(G, V, namespace, P, "chat", {"spec": {"cache": {"cpuCache": "4Ti"}}})
-        o = wait_for(degraded(co, namespace, "NodesTooSmall"), 10, "Degraded/NodesTooSmall")
-        assert "4" in condition(o, "Degraded")["message"]
-        for _ in range(8):  # old pods still serve: Ready stays True throughout
-            o = get_pdep(co, namespace, "chat")
-            assert condition(o, "Ready")["status"] == "True", o["status"]
-            assert condition(o, "Progressing")["reason"] == "NodesTooSmall"
-            time.sleep(0.25)
+        wait_for(degraded(co, namespace, "NodesTooSmall"), 10, "Degraded/NodesTooSmall")
         co.patch_namespaced_custom_object(G, V, namespace, P, "chat", {"spec": {"cache": {"cpuCache": "auto"}}})
         t0 = time.time()
         wait_for(degraded(co, namespace, "AsExpected"), 5, "the fixed spec acted on")
@@ -115,6 +108,22 @@ def test_unfit_edit_keeps_serving_and_a_fix_is_acted_on_at_once(co, namespace, o
         proc.terminate()
         proc.wait(10)
         operator_runner.start()
+
+
+# 4 -------------------------------------------------------------------------------------------------
+def test_unfit_edit_keeps_ready_while_old_pods_serve(co, apps, namespace):
+    create_pdep(co, namespace, sample())
+    wait_ready(co, namespace, "chat", timeout=90)
+    before = apps.read_namespaced_deployment("chat-engine", namespace).metadata.generation
+    co.patch_namespaced_custom_object(G, V, namespace, P, "chat", {"spec": {"cache": {"cpuCache": "4Ti"}}})
+    o = wait_for(degraded(co, namespace, "NodesTooSmall"), 10, "Degraded/NodesTooSmall")
+    assert "4" in condition(o, "Degraded")["message"]
+    for _ in range(8):  # the old pods still serve: Ready stays True throughout
+        o = get_pdep(co, namespace, "chat")
+        assert condition(o, "Ready")["status"] == "True", o["status"]
+        assert condition(o, "Progressing")["reason"] == "NodesTooSmall"
+        time.sleep(0.25)
+    assert apps.read_namespaced_deployment("chat-engine", namespace).metadata.generation == before  # untouched
 
 
 # 3 -------------------------------------------------------------------------------------------------
@@ -148,7 +157,6 @@ def test_service_monitor_appears_within_a_resync_after_its_crd(api, co, namespac
              "the CRD's removal noticed")
 
 
-# 4 -------------------------------------------------------------------------------------------------
 def test_autoscaling_that_cannot_get_its_metric_is_degraded_not_unready(co, namespace, kubectl):
     body = json.loads(json.dumps(SAMPLE))  # autoscaling on; no metrics adapter in this cluster
     body["spec"]["autoscaling"].update(minReplicas=2, maxReplicas=3)

@@ -44,8 +44,8 @@ def test_discovery_prefers_newest():
 def test_children_labels_and_owner(settings):
     spec, sizing, ch, absent, _ = render(settings)
     assert set(ch) == {"ConfigMap/chat-engine", "Service/chat-engine", "Deployment/chat-engine", "PodDisruptionBudget/chat-engine",
-                       "ServiceAccount/chat-router", "Role/chat-router", "RoleBinding/chat-router", "Deployment/chat-router",
-                       "Service/chat"}
+                       "ServiceAccount/chat-router", "RoleBinding/chat-router", "Deployment/chat-router",
+                       "Service/chat", "NetworkPolicy/chat-engine"}
     for c in ch.values():
         meta = c.body["metadata"]
         assert meta["namespace"] == "default"
@@ -98,8 +98,10 @@ def test_services_router_and_selector(settings):
     rc = router["template"]["spec"]["containers"][0]
     assert rc["command"] == ["python", "-m", "pensieve.router"]
     assert {"name": "PENSIEVE_ROUTER_SERVICE", "value": "chat-engine"} in rc["env"]
-    role = ch["Role/chat-router"].body
-    assert role["rules"][0] == {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    binding = ch["RoleBinding/chat-router"].body
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "pensieve-router"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chat-router", "namespace": "default"}]
+    assert not any(k.startswith(("Role/", "ClusterRole")) for k in ch)  # no Role is made at run time
     assert endpoint_url(spec) == "http://chat.default.svc"
     assert selector_string("chat") == "app.kubernetes.io/component=engine,app.kubernetes.io/instance=chat,app.kubernetes.io/name=pensieve"
 

@@ -18,9 +18,8 @@ from .runtime import Runtime, configure_kopf
 from .settings import Settings
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
-CHILDREN = ("deployments.apps", "services", "configmaps", "serviceaccounts",
-            "roles.rbac.authorization.k8s.io", "rolebindings.rbac.authorization.k8s.io",
-            "poddisruptionbudgets.policy", "horizontalpodautoscalers.autoscaling")
+CHILDREN = ("deployments.apps", "services", "configmaps", "serviceaccounts", "rolebindings.rbac.authorization.k8s.io",
+            "poddisruptionbudgets.policy", "horizontalpodautoscalers.autoscaling", "networkpolicies.networking.k8s.io")
 
 
 @kopf.on.login()

@@ -124,8 +124,8 @@ def ensure_child(kube: Kube, child: Child, owner_uid: str, actions: list[str], c
     try:
         updated = kube.merge_patch(child.api, ns, child.name, patch)
     except ApiError as e:
-        if e.status == 422 and child.api.kind in ("PodDisruptionBudget", "Service"):
-            # An immutable field changed (policy/v1beta1 selector, Service type details): replace.
+        if e.status == 422 and child.api.kind in ("PodDisruptionBudget", "Service", "RoleBinding"):
+            # An immutable field changed (policy/v1beta1 selector, Service type details, roleRef): replace.
             kube.delete(child.api, ns, child.name, uid=actual["metadata"]["uid"])
             actions.append(f"replaced {child.key}")
             return None

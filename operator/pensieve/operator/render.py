@@ -44,8 +44,8 @@ class Child:
 
 def names(name: str) -> dict[str, str]:
     return {
-        "engine": f"{name}-engine",           # Deployment, headless Service, ConfigMap, PDB, ServiceMonitor
-        "router": f"{name}-router",           # Deployment, ServiceAccount, Role, RoleBinding
+        "engine": f"{name}-engine",           # Deployment, headless Service, ConfigMap, PDB, ServiceMonitor, NetworkPolicy
+        "router": f"{name}-router",           # Deployment, ServiceAccount, RoleBinding
         "endpoint": name,                     # router Service: the chat endpoint
         "hpa": name,
     }
@@ -135,8 +135,9 @@ def _model_volume(spec: PensieveSpec) -> tuple[dict[str, Any], dict[str, Any], l
         "image": spec.engine.image,
         "imagePullPolicy": spec.engine.image_pull_policy,
         "command": ["python", "-c", script, src.hf_id, src.revision, spec.model_dir],
-        "env": [{"name": "HF_HOME", "value": "/models/.hf-home"}],
-        "volumeMounts": [{"name": "model", "mountPath": "/models"}],
+        "env": [{"name": "HF_HOME", "value": "/models/.hf-home"}, *scratch_env()],
+        "volumeMounts": [{"name": "model", "mountPath": "/models"}, SCRATCH_MOUNT],
+        "securityContext": container_security_context(),
     }
     if src.token_secret:
         init["env"].append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret, "key": "HF_TOKEN"}}})
@@ -163,6 +164,7 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        *scratch_env(), *auth_env(spec, "PENSIEVE_API_KEY"),
     ] + [{"name": k, "value": v} for k, v in spec.engine.env]
     container = {
         "name": "engine",
@@ -174,7 +176,7 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
         "env": env,
         "ports": [{"name": ENGINE_PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
         "resources": {"requests": requests, "limits": limits},
-        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}, SCRATCH_MOUNT],
         # Loading a model takes a while: the startup probe holds the others off.
         "startupProbe": {"httpGet": {"path": "/health", "port": ENGINE_PORT_NAME}, "periodSeconds": 5, "failureThreshold": 360},
         "livenessProbe": {"httpGet": {"path": "/health", "port": ENGINE_PORT_NAME}, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5},
@@ -183,16 +185,18 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
         # Drain: the pod is already out of the EndpointSlices while this waits; then SIGTERM
         # makes the engine finish in-flight requests within drainSeconds.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_seconds)]}}},
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+        "securityContext": container_security_context(),
     }
     node_selector = dict(spec.resources.node_selector)
     if spec.resources.gpu_product:
         node_selector[LABEL_GPU_PRODUCT] = spec.resources.gpu_product
     pod_spec: dict[str, Any] = {
         "containers": [container],
-        "volumes": [vol, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}],
+        "volumes": [vol, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}, SCRATCH_VOLUME],
         "terminationGracePeriodSeconds": termination_grace_seconds(spec, settings),
         "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,  # engines never call the API
     }
     if init:
         pod_spec["initContainers"] = init
@@ -246,12 +250,14 @@ def render_router_deployment(spec: PensieveSpec, owner=None) -> dict[str, Any]:
         "image": spec.router.image,
         "imagePullPolicy": spec.engine.image_pull_policy,
         "command": ["python", "-m", "pensieve.router"],
-        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "env": [{"name": k, "value": v} for k, v in env.items()] + scratch_env()
+        + auth_env(spec, "PENSIEVE_ROUTER_API_KEY"),
+        "volumeMounts": [SCRATCH_MOUNT],
         "ports": [{"name": "http", "containerPort": ROUTER_CONTAINER_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+        "securityContext": container_security_context(),
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -262,7 +268,10 @@ def render_router_deployment(spec: PensieveSpec, owner=None) -> dict[str, Any]:
             "template": {
                 "metadata": {"labels": labels(spec.name, "router")},
                 "spec": {"serviceAccountName": n["router"], "containers": [container], "enableServiceLinks": False,
-                         "terminationGracePeriodSeconds": termination_grace_seconds_router(spec)},
+                         "terminationGracePeriodSeconds": termination_grace_seconds_router(spec),
+                         "volumes": [SCRATCH_VOLUME], "securityContext": pod_security_context(),
+                         # The router watches EndpointSlices through the API: it needs its token.
+                         "automountServiceAccountToken": True},
             },
         },
     }
@@ -284,16 +293,16 @@ def render_router_service(spec: PensieveSpec, owner=None) -> dict[str, Any]:
     }
 
 
-def render_router_rbac(spec: PensieveSpec, apis: ApiVersions, owner=None) -> list[dict[str, Any]]:
+def render_router_rbac(spec: PensieveSpec, settings: Settings, owner=None) -> list[dict[str, Any]]:
+    """The router's identity: a ServiceAccount and a RoleBinding to the ClusterRole installed with
+    the operator (EndpointSlices and Services, read-only). The operator creates no Role, and its
+    RBAC lets it bind this ClusterRole by name (`bind` with resourceNames) without holding what
+    the ClusterRole grants."""
     n = names(spec.name)["router"]
-    es_group = apis.endpointslice.group
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(spec, n, "router", owner)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(spec, n, "router", owner),
-         "rules": [{"apiGroups": [es_group], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-                   {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(spec, n, "router", owner),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": settings.router_cluster_role},
          "subjects": [{"kind": "ServiceAccount", "name": n, "namespace": spec.namespace}]},
     ]
 
@@ -349,17 +358,20 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
         Child(ApiRef("apps", "v1", "deployments", "Deployment"), render_engine_deployment(spec, sizing, settings, owner)),
         Child(apis.pdb, render_pdb(spec, apis, owner)),
     ]
-    rbac = render_router_rbac(spec, apis, owner)
+    rbac = render_router_rbac(spec, settings, owner)
     children += [
         Child(ApiRef("", "v1", "serviceaccounts", "ServiceAccount"), rbac[0]),
-        Child(ApiRef("rbac.authorization.k8s.io", "v1", "roles", "Role"), rbac[1]),
-        Child(ApiRef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"), rbac[2]),
+        Child(ROLEBINDINGS, rbac[1]),
         Child(ApiRef("apps", "v1", "deployments", "Deployment"), render_router_deployment(spec, owner)),
         Child(ApiRef("", "v1", "services", "Service"), render_router_service(spec, owner)),
     ]
     absent: list[tuple[ApiRef, str]] = []
     notes: list[str] = []
     n = names(spec.name)
+    if spec.network_policy.enabled:
+        children.append(Child(NETWORK_POLICIES, render_network_policy(spec, settings, owner)))
+    else:
+        absent.append((NETWORK_POLICIES, n["engine"]))
     if spec.autoscaling.enabled:
         children.append(Child(apis.hpa, render_hpa(spec, apis, owner)))
     else:
@@ -372,6 +384,64 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
         if spec.monitoring.service_monitor:
             notes.append("monitoring.serviceMonitor is on but the cluster serves no monitoring.coreos.com ServiceMonitor; skipped")
     return children, absent, notes
+
+
+# Pod hardening ----------------------------------------------------------------------------------------
+UID = 10001  # the images' user (docker/*.Dockerfile)
+SCRATCH_VOLUME = {"name": "scratch", "emptyDir": {"sizeLimit": "4Gi"}}
+# The root filesystem is read-only: what a process writes (Triton and tokenizer caches, temp
+# files) goes to this emptyDir, which is also HOME.
+SCRATCH_MOUNT = {"name": "scratch", "mountPath": "/tmp"}
+
+
+def scratch_env() -> list[dict[str, Any]]:
+    return [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+            {"name": "TRITON_CACHE_DIR", "value": "/tmp/.triton"}]
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "privileged": False, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+# Authentication -----------------------------------------------------------------------------------------
+def auth_env(spec: PensieveSpec, variable: str) -> list[dict[str, Any]]:
+    """The API keys (comma-separated) from spec.auth's Secret, as `variable`; none without spec.auth."""
+    if not spec.auth.enabled:
+        return []
+    return [{"name": variable, "valueFrom": {"secretKeyRef": {"name": spec.auth.secret_name,
+                                                              "key": spec.auth.secret_key}}}]
+
+
+# NetworkPolicy --------------------------------------------------------------------------------------------
+NETWORK_POLICIES = ApiRef("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+ROLEBINDINGS = ApiRef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server from 1.21 on
+
+
+def render_network_policy(spec: PensieveSpec, settings: Settings, owner=None) -> dict[str, Any]:
+    """Engine pods accept traffic from this PensieveDeployment's router pods, the operator's pods
+    (pod-deletion-cost reads /metrics) and the monitoring namespace only."""
+    sources: list[dict[str, Any]] = [{"podSelector": {"matchLabels": selector_labels(spec.name, "router")}}]
+    if settings.operator_namespace:
+        sources.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.operator_namespace}},
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "pensieve-operator"}}})
+    monitoring = spec.network_policy.monitoring_namespace or settings.monitoring_namespace
+    if monitoring:
+        sources.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: monitoring}}})
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(spec, names(spec.name)["engine"], "engine", owner),
+        "spec": {"podSelector": {"matchLabels": selector_labels(spec.name, "engine")},
+                 "policyTypes": ["Ingress"],
+                 "ingress": [{"from": sources,
+                              "ports": [{"protocol": "TCP", "port": spec.engine.port}]}]},
+    }
 
 
 def pod_deletion_cost_patch(live_sessions: int) -> dict[str, Any]:

@@ -47,6 +47,15 @@ class Settings:
     liveness: str = "0.0.0.0:8080"
     # Create a ServiceMonitor only when spec.monitoring.serviceMonitor and the CRD exists.
     service_monitor: bool = True
+    # The operator's own namespace: its pods may reach the engines (pod-deletion-cost scrapes
+    # /metrics) through the engine NetworkPolicy. The chart sets the release namespace.
+    operator_namespace: str = "pensieve-system"
+    # Namespace whose pods (Prometheus) may scrape the engines through the NetworkPolicy,
+    # unless a PensieveDeployment names another; empty = none.
+    monitoring_namespace: str = "monitoring"
+    # The ClusterRole (installed with the operator) each router's RoleBinding refers to; the
+    # operator may bind only this one (RBAC `bind` with resourceNames).
+    router_cluster_role: str = "pensieve-router"
     # Operator log lines: plain | full | json (kopf's formats; one handler, each line once).
     log_format: str = "plain"
 

@@ -20,10 +20,13 @@ SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 METRICS = ("pensieve_num_requests_waiting", "pensieve_num_requests_running", "pensieve_gpu_cache_usage_ratio")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 # Engine settings the operator owns (computed or taken from typed fields).
 RESERVED_ENV = {
     "PENSIEVE_MODEL", "PENSIEVE_PORT", "PENSIEVE_HOST", "PENSIEVE_CPU_CACHE_BYTES",
     "PENSIEVE_GPU_MEMORY_UTILIZATION", "PENSIEVE_CACHE_MODE", "PENSIEVE_BLOCK_SIZE", "PENSIEVE_EVICTION",
+    "PENSIEVE_API_KEY",  # spec.auth: from a Secret, never a plain value
 }
 
 
@@ -102,6 +105,24 @@ class MonitoringSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuthSpec:
+    """API keys (comma-separated in one Secret key), enforced by the router and the engines."""
+    secret_name: str = ""  # empty: no authentication
+    secret_key: str = "api-keys"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkPolicySpec:
+    """The engine pods' ingress policy: router pods, the operator and the monitoring namespace only."""
+    enabled: bool = True
+    monitoring_namespace: str = ""  # empty: the operator's PENSIEVE_OPERATOR_MONITORING_NAMESPACE
+
+
+@dataclasses.dataclass(frozen=True)
 class PensieveSpec:
     name: str
     namespace: str
@@ -114,6 +135,8 @@ class PensieveSpec:
     autoscaling: AutoscalingSpec
     router: RouterSpec
     monitoring: MonitoringSpec
+    auth: AuthSpec = AuthSpec()
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()
 
     @property
     def model_dir(self) -> str:
@@ -311,9 +334,34 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
         service_monitor=r.bool(mo, "serviceMonitor", "spec.monitoring", False),
         interval=r.str(mo, "interval", "spec.monitoring", "15s"),
     )
+    auth = _parse_auth(r, spec)
+    network_policy = _parse_network_policy(r, spec)
     if errors:
         raise SpecError(errors)
     return PensieveSpec(
         name=name, namespace=namespace, replicas=replicas, served_name=served_name, source=source, engine=engine,
         resources=resources, cache=cache, autoscaling=autoscaling, router=router, monitoring=monitoring,
+        auth=auth, network_policy=network_policy,
     )
+
+
+def _parse_auth(r: _Reader, spec: Mapping[str, Any]) -> AuthSpec:
+    a = r.obj(spec.get("auth"), "spec.auth")
+    if a.get("apiKeySecret") is None:
+        return AuthSpec()
+    ref = r.obj(a.get("apiKeySecret"), "spec.auth.apiKeySecret")
+    name = r.str(ref, "name", "spec.auth.apiKeySecret", required=True)
+    key = r.str(ref, "key", "spec.auth.apiKeySecret", "api-keys") or "api-keys"
+    if name and not _DNS1123_SUBDOMAIN.match(name):
+        r.errors.append(f"spec.auth.apiKeySecret.name: not a Secret name: {name!r}")
+    if not _SECRET_KEY.match(key):
+        r.errors.append(f"spec.auth.apiKeySecret.key: not a Secret key: {key!r}")
+    return AuthSpec(secret_name=name, secret_key=key)
+
+
+def _parse_network_policy(r: _Reader, spec: Mapping[str, Any]) -> NetworkPolicySpec:
+    n = r.obj(spec.get("networkPolicy"), "spec.networkPolicy")
+    ns = r.str(n, "monitoringNamespace", "spec.networkPolicy")
+    if ns and not _DNS1123.match(ns):
+        r.errors.append(f"spec.networkPolicy.monitoringNamespace: not a namespace name: {ns!r}")
+    return NetworkPolicySpec(enabled=r.bool(n, "enabled", "spec.networkPolicy", True), monitoring_namespace=ns)
