@@ -23,6 +23,7 @@ the host (KUBERNETES_SERVICE_HOST), which is how the pod reaches the API server.
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import os
 import random
@@ -231,6 +232,12 @@ class StandInKubelet:
                 path = e["valueFrom"]["fieldRef"]["fieldPath"]
                 env[e["name"]] = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": ns,
                                   "spec.nodeName": pod["spec"].get("nodeName", "")}.get(path, "")
+            elif (e.get("valueFrom") or {}).get("secretKeyRef"):
+                ref = e["valueFrom"]["secretKeyRef"]
+                secret = self.core.read_namespaced_secret(ref["name"], ns)  # absent: the pod waits, as a kubelet's does
+                if ref["key"] not in (secret.data or {}):
+                    raise ApiException(status=404, reason=f"key {ref['key']} not in Secret {ref['name']}")
+                env[e["name"]] = base64.b64decode(secret.data[ref["key"]]).decode()
         return env
 
     def _start(self, pod: dict) -> None:

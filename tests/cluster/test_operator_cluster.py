@@ -109,7 +109,7 @@ def test_sample_creates_every_child_and_turns_ready(api, co, apps, core, namespa
     o = wait_ready(co, namespace, "chat", timeout=90)
     kids = child_set(api, namespace, "chat")
     assert set(kids) == {"ConfigMap/chat-engine", "Service/chat-engine", "Deployment/chat-engine", "PodDisruptionBudget/chat-engine",
-                         "ServiceAccount/chat-router", "Role/chat-router", "RoleBinding/chat-router", "Deployment/chat-router",
+                         "ServiceAccount/chat-router", "RoleBinding/chat-router", "Deployment/chat-router",
                          "Service/chat", "HorizontalPodAutoscaler/chat"}
     # Owner references and labels on every child.
     dep = apps.read_namespaced_deployment("chat-engine", namespace)

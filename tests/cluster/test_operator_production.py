@@ -223,3 +223,42 @@ def test_reconcile_returns_a_typed_outcome(control_plane, co, namespace):
     out = reconcile(kube, o, Settings.from_env(), apis)
     assert out.refusal is None and out.actions == [] and out.events == []  # level-based: nothing to do
     assert condition({"status": out.status}, "Ready")["status"] == "True"
+
+
+# 9 -------------------------------------------------------------------------------------------------
+INFERENCE_POOL_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    # A k8s.io group needs the API-approval annotation, as the project's own CRD carries.
+    "metadata": {"name": "inferencepools.inference.networking.k8s.io", "annotations": {
+        "api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api-inference-extension/pull/1173"}},
+    "spec": {"group": "inference.networking.k8s.io", "scope": "Namespaced",
+             "names": {"kind": "InferencePool", "plural": "inferencepools", "singular": "inferencepool",
+                       "listKind": "InferencePoolList", "shortNames": ["infpool"]},
+             "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+                           "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
+
+
+def test_inference_pool_reconciled_where_its_crd_is_served(api, co, namespace):
+    crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    raw_request(api, "POST", crd_path, INFERENCE_POOL_CRD)
+    pool_path = f"/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools/chat"
+    try:
+        create_pdep(co, namespace, sample())
+        wait_ready(co, namespace, "chat", timeout=90)
+        pool = wait_for(lambda: raw_request(api, "GET", pool_path), 20, "the InferencePool")
+        assert pool["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "engine"
+        assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+        assert pool["spec"]["endpointPickerRef"]["name"] == "chat-epp"
+        assert [r["kind"] for r in pool["metadata"]["ownerReferences"]] == ["PensieveDeployment"]
+        assert get_pdep(co, namespace, "chat")["status"]["apiVersions"]["inferencePool"] == "inference.networking.k8s.io/v1"
+        # Drift is repaired (at the next resync: the operator does not watch a CRD that may come and go).
+        raw_request(api, "PATCH", pool_path, {"spec": {"targetPorts": [{"number": 1234}]}},
+                    content_type="application/merge-patch+json")
+        wait_for(lambda: raw_request(api, "GET", pool_path)["spec"]["targetPorts"] == [{"number": 8000}], 15,
+                 "the InferencePool patched back")
+        # Switched off: removed.
+        co.patch_namespaced_custom_object(G, V, namespace, P, "chat", {"spec": {"inferencePool": {"enabled": False}}})
+        wait_for(lambda: not raw_request(api, "GET", f"/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools")
+                 ["items"], 15, "the InferencePool removed")
+    finally:
+        raw_request(api, "DELETE", f"{crd_path}/inferencepools.inference.networking.k8s.io")

@@ -368,8 +368,10 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
     absent: list[tuple[ApiRef, str]] = []
     notes: list[str] = []
     n = names(spec.name)
+    pool = apis.inference_pool if spec.inference_pool.enabled else None
+    gateway_ns = (spec.inference_pool.gateway_namespace or spec.namespace) if pool else ""
     if spec.network_policy.enabled:
-        children.append(Child(NETWORK_POLICIES, render_network_policy(spec, settings, owner)))
+        children.append(Child(NETWORK_POLICIES, render_network_policy(spec, settings, owner, gateway_ns)))
     else:
         absent.append((NETWORK_POLICIES, n["engine"]))
     if spec.autoscaling.enabled:
@@ -383,6 +385,10 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
             absent.append((apis.service_monitor, n["engine"]))
         if spec.monitoring.service_monitor:
             notes.append("monitoring.serviceMonitor is on but the cluster serves no monitoring.coreos.com ServiceMonitor; skipped")
+    if pool is not None:
+        children.append(Child(pool, render_inference_pool(spec, pool, owner)))
+    elif apis.inference_pool is not None:
+        absent.append((apis.inference_pool, n["endpoint"]))
     return children, absent, notes
 
 
@@ -424,9 +430,11 @@ ROLEBINDINGS = ApiRef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBi
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server from 1.21 on
 
 
-def render_network_policy(spec: PensieveSpec, settings: Settings, owner=None) -> dict[str, Any]:
+def render_network_policy(spec: PensieveSpec, settings: Settings, owner=None,
+                          gateway_namespace: str = "") -> dict[str, Any]:
     """Engine pods accept traffic from this PensieveDeployment's router pods, the operator's pods
-    (pod-deletion-cost reads /metrics) and the monitoring namespace only."""
+    (pod-deletion-cost reads /metrics), the monitoring namespace, and the inference gateway's
+    namespace when an InferencePool is made, only."""
     sources: list[dict[str, Any]] = [{"podSelector": {"matchLabels": selector_labels(spec.name, "router")}}]
     if settings.operator_namespace:
         sources.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.operator_namespace}},
@@ -434,6 +442,8 @@ def render_network_policy(spec: PensieveSpec, settings: Settings, owner=None) ->
     monitoring = spec.network_policy.monitoring_namespace or settings.monitoring_namespace
     if monitoring:
         sources.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: monitoring}}})
+    if gateway_namespace:  # an InferencePool: the gateway and its endpoint picker reach the engines
+        sources.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: gateway_namespace}}})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": _meta(spec, names(spec.name)["engine"], "engine", owner),
@@ -441,6 +451,22 @@ def render_network_policy(spec: PensieveSpec, settings: Settings, owner=None) ->
                  "policyTypes": ["Ingress"],
                  "ingress": [{"from": sources,
                               "ports": [{"protocol": "TCP", "port": spec.engine.port}]}]},
+    }
+
+
+# Inference gateway --------------------------------------------------------------------------------------
+def render_inference_pool(spec: PensieveSpec, api: ApiRef, owner=None) -> dict[str, Any]:
+    """The engine pods as an InferencePool (discovery.INFERENCE_POOL's version), for a Gateway API
+    Inference Extension gateway; its endpoint picker reads the engines' vllm:* metric aliases."""
+    ip = spec.inference_pool
+    return {
+        "apiVersion": api.api_version, "kind": "InferencePool",
+        "metadata": _meta(spec, names(spec.name)["endpoint"], "engine", owner),
+        "spec": {"selector": {"matchLabels": selector_labels(spec.name, "engine")},
+                 "targetPorts": [{"number": spec.engine.port}],
+                 "endpointPickerRef": {"name": ip.endpoint_picker or f"{spec.name}-epp",
+                                       "port": {"number": ip.endpoint_picker_port},
+                                       "failureMode": ip.failure_mode}},
     }
 
 

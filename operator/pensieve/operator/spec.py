@@ -123,6 +123,16 @@ class NetworkPolicySpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class InferencePoolSpec:
+    """An InferencePool over the engine pods, made where the cluster serves its CRD."""
+    enabled: bool = True
+    endpoint_picker: str = ""  # the endpoint picker's Service; empty: <name>-epp
+    endpoint_picker_port: int = 9002
+    failure_mode: str = "FailClose"
+    gateway_namespace: str = ""  # admitted by the NetworkPolicy; empty: this namespace
+
+
+@dataclasses.dataclass(frozen=True)
 class PensieveSpec:
     name: str
     namespace: str
@@ -137,6 +147,7 @@ class PensieveSpec:
     monitoring: MonitoringSpec
     auth: AuthSpec = AuthSpec()
     network_policy: NetworkPolicySpec = NetworkPolicySpec()
+    inference_pool: InferencePoolSpec = InferencePoolSpec()
 
     @property
     def model_dir(self) -> str:
@@ -336,12 +347,13 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
     )
     auth = _parse_auth(r, spec)
     network_policy = _parse_network_policy(r, spec)
+    inference_pool = _parse_inference_pool(r, spec)
     if errors:
         raise SpecError(errors)
     return PensieveSpec(
         name=name, namespace=namespace, replicas=replicas, served_name=served_name, source=source, engine=engine,
         resources=resources, cache=cache, autoscaling=autoscaling, router=router, monitoring=monitoring,
-        auth=auth, network_policy=network_policy,
+        auth=auth, network_policy=network_policy, inference_pool=inference_pool,
     )
 
 
@@ -365,3 +377,17 @@ def _parse_network_policy(r: _Reader, spec: Mapping[str, Any]) -> NetworkPolicyS
     if ns and not _DNS1123.match(ns):
         r.errors.append(f"spec.networkPolicy.monitoringNamespace: not a namespace name: {ns!r}")
     return NetworkPolicySpec(enabled=r.bool(n, "enabled", "spec.networkPolicy", True), monitoring_namespace=ns)
+
+
+def _parse_inference_pool(r: _Reader, spec: Mapping[str, Any]) -> InferencePoolSpec:
+    p = "spec.inferencePool"
+    ip = r.obj(spec.get("inferencePool"), p)
+    epp = r.str(ip, "endpointPicker", p)
+    gw = r.str(ip, "gatewayNamespace", p)
+    for field, v in (("endpointPicker", epp), ("gatewayNamespace", gw)):
+        if v and not _DNS1123.match(v):
+            r.errors.append(f"{p}.{field}: not a DNS-1123 name: {v!r}")
+    return InferencePoolSpec(
+        enabled=r.bool(ip, "enabled", p, True), endpoint_picker=epp,
+        endpoint_picker_port=r.int(ip, "endpointPickerPort", p, 9002, lo=1, hi=65535),
+        failure_mode=r.str(ip, "failureMode", p, "FailClose", ("FailClose", "FailOpen")), gateway_namespace=gw)
