@@ -19,7 +19,8 @@ from .settings import Settings
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 CHILDREN = ("deployments.apps", "services", "configmaps", "serviceaccounts", "rolebindings.rbac.authorization.k8s.io",
-            "poddisruptionbudgets.policy", "horizontalpodautoscalers.autoscaling", "networkpolicies.networking.k8s.io")
+            "poddisruptionbudgets.policy", "horizontalpodautoscalers.autoscaling", "networkpolicies.networking.k8s.io",
+            "jobs.batch", "persistentvolumeclaims")
 
 
 @kopf.on.login()

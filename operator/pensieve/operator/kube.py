@@ -28,11 +28,13 @@ class ApiError(Exception):
 
 
 def raw_request(api: client.ApiClient, method: str, path: str, body: Any = None, *,
-                content_type: str = "application/json", query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
-    """One REST call with the client's configuration and credentials; JSON in, JSON out."""
+                content_type: str = "application/json", query: list[tuple[str, Any]] | None = None,
+                raw: bool = False) -> Any:
+    """One REST call with the client's configuration and credentials; JSON in, JSON out
+    (`raw`: the response text, e.g. a pod's log)."""
     _m, url, headers, data, post = api.param_serialize(
         method=method, resource_path=path, query_params=query or [],
-        header_params={"Accept": "application/json", "Content-Type": content_type},
+        header_params={"Accept": "*/*" if raw else "application/json", "Content-Type": content_type},
         body=body, auth_settings=["BearerToken"])
     resp = api.call_api(_m, url, header_params=headers, body=data, post_params=post)
     raw = resp.read()
@@ -43,6 +45,8 @@ def raw_request(api: client.ApiClient, method: str, path: str, body: Any = None,
         raise Conflict(text)
     if not 200 <= resp.status < 300:
         raise ApiError(resp.status, text)
+    if raw:
+        return text
     return json.loads(text) if text else {}
 
 
@@ -62,6 +66,9 @@ class Kube:
     def request(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
                 query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
         return raw_request(self.api, method, path, body, content_type=content_type, query=query)
+
+    def text(self, path: str, query: list[tuple[str, Any]] | None = None) -> str:
+        return raw_request(self.api, "GET", path, query=query, raw=True)
 
     # Objects -----------------------------------------------------------------------------------------
     def get(self, api: ApiRef, namespace: str | None, name: str) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from . import GROUP, KIND, PLURAL, VERSION
 from .discovery import ApiRef, ApiVersions
 from .kube import ApiError, Conflict, Kube, NODES
 from .quantity import parse_quantity
-from .render import Child, endpoint_url, names, render_children, selector_string
+from .model_cache import fetch_progress, model_cache_status
+from .render import Child, endpoint_url, model_cache_names, names, render_children, selector_string
 from .settings import Settings
 from .sizing import AppliedSize, compute_sizing, stable_sizing
 from .spec import SpecError, parse_spec
@@ -118,14 +119,17 @@ def ensure_child(kube: Kube, child: Child, owner_uid: str, actions: list[str], c
     if not owned_by(actual, owner_uid):
         conflicts.append(f"{child.key} exists and is not owned by this {KIND}; left untouched")
         return actual
+    if child.create_only:
+        return actual
     patch = drift_patch(child.body, actual)
     if patch is None:
         return actual
     try:
         updated = kube.merge_patch(child.api, ns, child.name, patch)
     except ApiError as e:
-        if e.status == 422 and child.api.kind in ("PodDisruptionBudget", "Service", "RoleBinding"):
-            # An immutable field changed (policy/v1beta1 selector, Service type details, roleRef): replace.
+        if e.status == 422 and child.api.kind in ("PodDisruptionBudget", "Service", "RoleBinding", "Job"):
+            # An immutable field changed (policy/v1beta1 selector, Service type details, roleRef,
+            # a Job's template: a new model source): replace.
             kube.delete(child.api, ns, child.name, uid=actual["metadata"]["uid"])
             actions.append(f"replaced {child.key}")
             return None
@@ -201,5 +205,11 @@ def reconcile(kube: Kube, body: Mapping[str, Any], settings: Settings, apis: Api
     n = names(spec.name)
     observed = Observed(engine=seen.get(f"Deployment/{n['engine']}"), router=seen.get(f"Deployment/{n['router']}"),
                         hpa=seen.get(f"HorizontalPodAutoscaler/{n['hpa']}"))
+    cache = None
+    if spec.model_cache.enabled:
+        mc = model_cache_names(spec)
+        job = seen.get(f"Job/{mc['job']}")
+        cache = model_cache_status(job, seen.get(f"PersistentVolumeClaim/{mc['claim']}"),
+                                   fetch_progress(kube, spec.namespace, mc["job"]) if job else None)
     return finish(observed, sizing=sizing.to_status(), conflicts=tuple(conflicts),
-                  capacity_warnings=tuple(sizing.warnings), notes=tuple(notes))
+                  capacity_warnings=tuple(sizing.warnings), notes=tuple(notes), model_cache=cache)

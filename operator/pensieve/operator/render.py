@@ -32,6 +32,7 @@ POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 class Child:
     api: ApiRef
     body: dict[str, Any]
+    create_only: bool = False  # created when missing, never patched (a PVC: its spec is the storage's)
 
     @property
     def name(self) -> str:
@@ -127,9 +128,10 @@ def _model_volume(spec: PensieveSpec) -> tuple[dict[str, Any], dict[str, Any], l
         return vol, mount, []
     if src.kind == "hostPath":
         return {"name": "model", "hostPath": {"path": src.path, "type": "Directory"}}, mount, []
+    if spec.model_cache.enabled:
+        return model_cache_volume(spec)
     # Hugging Face id: fetched into an emptyDir by an init container running the engine image.
-    script = ("import os, sys; from huggingface_hub import snapshot_download; "
-              "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])")
+    script = FETCH_SCRIPT
     init: dict[str, Any] = {
         "name": "fetch-model",
         "image": spec.engine.image,
@@ -144,6 +146,10 @@ def _model_volume(spec: PensieveSpec) -> tuple[dict[str, Any], dict[str, Any], l
     vol = {"name": "model", "emptyDir": {}}
     mount = {"name": "model", "mountPath": "/models", "readOnly": True}
     return vol, mount, [init]
+
+
+FETCH_SCRIPT = ("import os, sys; from huggingface_hub import snapshot_download; "
+                "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])")
 
 
 def termination_grace_seconds(spec: PensieveSpec, settings: Settings) -> int:
@@ -385,11 +391,97 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
             absent.append((apis.service_monitor, n["engine"]))
         if spec.monitoring.service_monitor:
             notes.append("monitoring.serviceMonitor is on but the cluster serves no monitoring.coreos.com ServiceMonitor; skipped")
+    if spec.model_cache.enabled:
+        children[:0] = [Child(PVCS, render_model_cache_pvc(spec, owner), create_only=True),
+                        Child(JOBS, render_model_fetch_job(spec, owner))]
+    else:
+        absent += [(JOBS, f"{spec.name}-model-fetch"), (PVCS, f"{spec.name}-model-cache")]
     if pool is not None:
         children.append(Child(pool, render_inference_pool(spec, pool, owner)))
     elif apis.inference_pool is not None:
         absent.append((apis.inference_pool, n["endpoint"]))
     return children, absent, notes
+
+
+# Model cache -------------------------------------------------------------------------------------------
+# A Hugging Face model is downloaded once by a Job into a PersistentVolumeClaim; engine pods mount
+# it read-only and wait (an init container) for the marker the Job writes when the download of
+# this source (id + revision) is complete. The Job's name is fixed; a new source replaces it.
+MODEL_CACHE_MOUNT = "/models"
+# Prints progress lines the operator reads back from the Job pod's log (status.modelCache.progress).
+CACHE_FETCH_SCRIPT = (
+    "import os, sys, time; from huggingface_hub import snapshot_download; "
+    "repo, rev, dest, marker = sys.argv[1:5]; t0 = time.time(); "
+    "print(f'pensieve-fetch: downloading {repo}@{rev}', flush=True); "
+    "snapshot_download(repo_id=repo, revision=rev, local_dir=dest); "
+    "n = sum(len(f) for _, _, f in os.walk(dest)); "
+    "open(marker, 'w').write(rev); "
+    "print(f'pensieve-fetch: complete, {n} files in {time.time() - t0:.0f} s', flush=True)")
+WAIT_SCRIPT = ("import os, sys, time\n"
+               "while not os.path.exists(sys.argv[1]):\n"
+               "    print('waiting for the model download (status.modelCache)', flush=True); time.sleep(5)")
+
+
+def model_source_digest(spec: PensieveSpec) -> str:
+    return hashlib.sha256(f"{spec.source.hf_id}@{spec.source.revision}".encode()).hexdigest()[:12]
+
+
+def model_cache_names(spec: PensieveSpec) -> dict[str, str]:
+    return {"claim": f"{spec.name}-model-cache", "job": f"{spec.name}-model-fetch",
+            "marker": f"{MODEL_CACHE_MOUNT}/.pensieve-fetched-{model_source_digest(spec)}"}
+
+
+def model_cache_volume(spec: PensieveSpec) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(volume, mount, init containers) of an engine pod reading the cached model."""
+    n = model_cache_names(spec)
+    vol = {"name": "model", "persistentVolumeClaim": {"claimName": n["claim"], "readOnly": True}}
+    mount = {"name": "model", "mountPath": MODEL_CACHE_MOUNT, "readOnly": True}
+    wait = {"name": "wait-for-model", "image": spec.engine.image, "imagePullPolicy": spec.engine.image_pull_policy,
+            "command": ["python", "-c", WAIT_SCRIPT, n["marker"]],
+            "volumeMounts": [mount], "securityContext": container_security_context(),
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}}}
+    return vol, mount, [wait]
+
+
+def render_model_cache_pvc(spec: PensieveSpec, owner=None) -> dict[str, Any]:
+    c = spec.model_cache
+    body: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": _meta(spec, model_cache_names(spec)["claim"], "model-cache", owner),
+        "spec": {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}},
+    }
+    if c.storage_class:
+        body["spec"]["storageClassName"] = c.storage_class
+    return body
+
+
+def render_model_fetch_job(spec: PensieveSpec, owner=None) -> dict[str, Any]:
+    n, src = model_cache_names(spec), spec.source
+    env = [{"name": "HF_HOME", "value": f"{MODEL_CACHE_MOUNT}/.hf-home"}, *scratch_env()]
+    if src.token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret, "key": "HF_TOKEN"}}})
+    container = {
+        "name": "fetch-model", "image": spec.engine.image, "imagePullPolicy": spec.engine.image_pull_policy,
+        "command": ["python", "-c", CACHE_FETCH_SCRIPT, src.hf_id, src.revision, spec.model_dir, n["marker"]],
+        "env": env,
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_CACHE_MOUNT}, SCRATCH_MOUNT],
+        "securityContext": container_security_context(),
+        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+    }
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(spec, n["job"], "model-fetch", owner) | {
+            "annotations": {"pensieve.ai/model-source": f"{src.hf_id}@{src.revision}"}},
+        "spec": {
+            "backoffLimit": 6,
+            "template": {
+                "metadata": {"labels": labels(spec.name, "model-fetch")},
+                "spec": {"restartPolicy": "OnFailure", "containers": [container],
+                         "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": n["claim"]}}, SCRATCH_VOLUME],
+                         "securityContext": pod_security_context(), "automountServiceAccountToken": False,
+                         "enableServiceLinks": False}},
+        },
+    }
 
 
 # Pod hardening ----------------------------------------------------------------------------------------
@@ -426,6 +518,8 @@ def auth_env(spec: PensieveSpec, variable: str) -> list[dict[str, Any]]:
 
 # NetworkPolicy --------------------------------------------------------------------------------------------
 NETWORK_POLICIES = ApiRef("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+PVCS = ApiRef("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
+JOBS = ApiRef("batch", "v1", "jobs", "Job")
 ROLEBINDINGS = ApiRef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server from 1.21 on
 

@@ -50,6 +50,16 @@ class ModelSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelCacheSpec:
+    """A Hugging Face model downloaded once, by a Job, into a PersistentVolumeClaim that every
+    engine pod mounts read-only (instead of every pod fetching it at every start)."""
+    enabled: bool = False
+    size: str = "50Gi"
+    storage_class: str = ""  # empty: the cluster's default
+    access_mode: str = "ReadWriteMany"  # ReadWriteOnce: every engine pod on the PVC's node
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineSpec:
     image: str
     image_pull_policy: str = "IfNotPresent"
@@ -148,6 +158,7 @@ class PensieveSpec:
     auth: AuthSpec = AuthSpec()
     network_policy: NetworkPolicySpec = NetworkPolicySpec()
     inference_pool: InferencePoolSpec = InferencePoolSpec()
+    model_cache: ModelCacheSpec = ModelCacheSpec()
 
     @property
     def model_dir(self) -> str:
@@ -348,12 +359,13 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
     auth = _parse_auth(r, spec)
     network_policy = _parse_network_policy(r, spec)
     inference_pool = _parse_inference_pool(r, spec)
+    model_cache = _parse_model_cache(r, model, source)
     if errors:
         raise SpecError(errors)
     return PensieveSpec(
         name=name, namespace=namespace, replicas=replicas, served_name=served_name, source=source, engine=engine,
         resources=resources, cache=cache, autoscaling=autoscaling, router=router, monitoring=monitoring,
-        auth=auth, network_policy=network_policy, inference_pool=inference_pool,
+        auth=auth, network_policy=network_policy, inference_pool=inference_pool, model_cache=model_cache,
     )
 
 
@@ -391,3 +403,22 @@ def _parse_inference_pool(r: _Reader, spec: Mapping[str, Any]) -> InferencePoolS
         enabled=r.bool(ip, "enabled", p, True), endpoint_picker=epp,
         endpoint_picker_port=r.int(ip, "endpointPickerPort", p, 9002, lo=1, hi=65535),
         failure_mode=r.str(ip, "failureMode", p, "FailClose", ("FailClose", "FailOpen")), gateway_namespace=gw)
+
+
+def _parse_model_cache(r: _Reader, model: Mapping[str, Any], source: ModelSource) -> ModelCacheSpec:
+    p = "spec.model.cache"
+    if model.get("cache") is None:
+        return ModelCacheSpec()
+    c = r.obj(model.get("cache"), p)
+    size = r.str(c, "size", p, "50Gi") or "50Gi"
+    try:
+        if parse_bytes(size) <= 0:
+            r.errors.append(f"{p}.size: must be > 0")
+    except ValueError:
+        r.errors.append(f"{p}.size: not a quantity: {size!r}")
+    cache = ModelCacheSpec(enabled=r.bool(c, "enabled", p, True), size=size,
+                           storage_class=r.str(c, "storageClassName", p),
+                           access_mode=r.str(c, "accessMode", p, "ReadWriteMany", ("ReadWriteMany", "ReadWriteOnce")))
+    if cache.enabled and source.kind and source.kind != "huggingFace":
+        r.errors.append(f"{p}: caches a huggingFace source; the {source.kind} source is already local")
+    return cache

@@ -70,6 +70,7 @@ class StatusInputs:
     conflicts: tuple[str, ...] = ()
     capacity_warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    model_cache: Mapping[str, Any] | None = None  # model_cache.model_cache_status(), when spec.model.cache is on
 
 
 def _dep(d: Mapping[str, Any] | None) -> dict[str, int]:
@@ -116,6 +117,8 @@ def _degraded(i: StatusInputs) -> tuple[bool, str, str]:
         return True, i.refusal.reason, i.refusal.message
     if i.conflicts:
         return True, "ChildConflict", "; ".join(i.conflicts)
+    if i.model_cache and i.model_cache.get("phase") == "Failed":
+        return True, "ModelDownloadFailed", i.model_cache.get("message", "the model download failed")
     hpa = autoscaling_problem(i.observed.hpa)
     if hpa:
         return True, "AutoscalingInactive", hpa
@@ -141,6 +144,8 @@ def assemble_status(i: StatusInputs, prev_status: Mapping[str, Any] | None) -> d
     sizing = i.sizing if i.sizing is not None else prev.get("sizing")
     if sizing is not None:
         st["sizing"] = sizing
+    if i.model_cache is not None:
+        st["modelCache"] = dict(i.model_cache)
     return _without_empty_strings(st)
 
 
