@@ -15,7 +15,7 @@ from pensieve.operator.reconcile import Outcome, reconcile
 from pensieve.operator.settings import Settings
 from pensieve.operator.status import Refusal
 from test_operator_cluster import (ENGINE_SEL, G, P, SAMPLE, V, _start_operator_process, condition, create_pdep,
-                                   get_pdep, wait_ready)
+                                   get_pdep, http_get, wait_ready)
 
 pytestmark = pytest.mark.usefixtures("operator_runner")
 
@@ -262,3 +262,57 @@ def test_inference_pool_reconciled_where_its_crd_is_served(api, co, namespace):
                  ["items"], 15, "the InferencePool removed")
     finally:
         raw_request(api, "DELETE", f"{crd_path}/inferencepools.inference.networking.k8s.io")
+
+
+# 7 -------------------------------------------------------------------------------------------------
+def test_model_cache_downloads_once_for_scale_up_and_rollout(api, co, apps, core, namespace, tmp_path):
+    """A hostPath PersistentVolume stands in for ReadWriteMany storage; the stand-in download Job
+    counts itself in the volume."""
+    store = tmp_path / "model-cache"
+    store.mkdir()
+    store.chmod(0o777)
+    pv = f"pv-{namespace}"[:63]
+    core.create_persistent_volume({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv}, "spec": {
+        "capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteMany", "ReadWriteOnce"], "storageClassName": "",
+        "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(store)}}})
+    try:
+        body = sample(replicas=1)
+        body["spec"]["model"]["cache"] = {"size": "20Gi"}
+        create_pdep(co, namespace, body)
+        seen = set()
+
+        def cache_ready():
+            st = get_pdep(co, namespace, "chat").get("status", {}).get("modelCache") or {}
+            seen.add(st.get("phase"))
+            return st if st.get("phase") == "Ready" else None
+        st = wait_for(cache_ready, 90, "status.modelCache Ready")
+        assert st["claim"] == "chat-model-cache" and st["job"] == "chat-model-fetch"
+        assert st["source"] == "Qwen/Qwen2.5-0.5B-Instruct@main"
+        assert seen & {"Pending", "Downloading"}, seen  # the download was seen under way first
+        wait_ready(co, namespace, "chat", timeout=90)
+        downloads = lambda: (store / ".standin-downloads").read_text().splitlines()  # noqa: E731
+        assert len(downloads()) == 1
+        assert (store / "model" / "config.json").exists()
+        # A second pod, then a rollout (new engine image): both start from the cache, no new download.
+        co.patch_namespaced_custom_object(G, V, namespace, P, "chat", {"spec": {"replicas": 2}})
+        wait_ready(co, namespace, "chat", timeout=90)
+        co.patch_namespaced_custom_object(G, V, namespace, P, "chat", {"spec": {"engine": {"image": "pensieve-engine:v2"}}})
+        wait_ready(co, namespace, "chat", timeout=120)
+        pods = [p for p in core.list_namespaced_pod(namespace, label_selector=ENGINE_SEL.format("chat")).items
+                if not p.metadata.deletion_timestamp]
+        assert len(pods) == 2 and all(p.spec.containers[0].image == "pensieve-engine:v2" for p in pods)
+        for p in pods:
+            env = json.loads(http_get(f"http://{p.status.pod_ip}:8000/debug/env")[1])["env"]
+            assert env["PENSIEVE_STANDIN_MOUNTS"] == f"/models={store}"  # the engine reads the claim
+        assert len(downloads()) == 1, downloads()
+        # A new source (revision) is a new download, and the pods roll onto it.
+        co.patch_namespaced_custom_object(G, V, namespace, P, "chat", {"spec": {"model": {"source": {
+            "huggingFace": {"id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "v2"}}}}})
+        wait_for(lambda: (get_pdep(co, namespace, "chat")["status"].get("modelCache") or {}).get("source", "").endswith("@v2")
+                 and get_pdep(co, namespace, "chat")["status"]["modelCache"]["phase"] == "Ready", 60, "the v2 download")
+        wait_ready(co, namespace, "chat", timeout=120)
+        assert [d.split()[0] for d in downloads()] == ["Qwen/Qwen2.5-0.5B-Instruct@main", "Qwen/Qwen2.5-0.5B-Instruct@v2"]
+    finally:
+        raw_request(api, "DELETE", f"/apis/{G}/{V}/namespaces/{namespace}/{P}/chat")
+        wait_for(lambda: not core.list_namespaced_persistent_volume_claim(namespace).items, 30, "the claim collected")
+        core.delete_persistent_volume(pv)

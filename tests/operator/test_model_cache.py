@@ -1,8 +1,13 @@
 """The model cache: one download Job into a PVC that every engine pod mounts read-only."""
 import pytest
 
+from pensieve.operator.discovery import choose_versions
 from pensieve.operator.model_cache import last_progress_line, model_cache_status
-from pensieve.operator.render import render_children
+from pensieve.operator.render import MODEL_SOURCE, render_children
+from pensieve.operator.settings import Settings
+from pensieve.operator.sizing import compute_sizing
+
+from pdep_helpers import NODES, make_spec
 
 from test_hardening import children
 
@@ -78,3 +83,17 @@ def test_degraded_when_the_download_failed():
     st = assemble_status(StatusInputs(generation=1, replicas_wanted=1, router_replicas_wanted=1, base={}, endpoint="e",
                                       observed=Observed(), model_cache={"phase": "Failed", "message": "the Job failed"}), None)
     assert (get_condition(st, "Degraded")["reason"], st["modelCache"]["phase"]) == ("ModelDownloadFailed", "Failed")
+
+
+def test_the_download_job_is_replaced_only_for_a_new_source():
+    spec = make_spec(model={**HF, "cache": {}})
+    served = {("autoscaling", "v2"): ["horizontalpodautoscalers"], ("policy", "v1"): ["poddisruptionbudgets"],
+              ("discovery.k8s.io", "v1"): ["endpointslices"]}
+    children, _, _ = render_children(spec, compute_sizing([NODES["8xH100"]()], spec, Settings()), Settings(),
+                                     choose_versions(lambda g, v: served.get((g, v))))
+    ch = {c.key: c for c in children}
+    job = ch["Job/chat-model-fetch"]
+    # Never patched (a new engine image must not re-download); replaced when the source changes.
+    assert job.create_only and job.replace_on == MODEL_SOURCE
+    assert job.body["metadata"]["annotations"][MODEL_SOURCE] == "Qwen/Qwen2.5-0.5B-Instruct@main"
+    assert ch["PersistentVolumeClaim/chat-model-cache"].create_only

@@ -37,8 +37,8 @@ def raw_request(api: client.ApiClient, method: str, path: str, body: Any = None,
         header_params={"Accept": "*/*" if raw else "application/json", "Content-Type": content_type},
         body=body, auth_settings=["BearerToken"])
     resp = api.call_api(_m, url, header_params=headers, body=data, post_params=post)
-    raw = resp.read()
-    text = raw.decode() if isinstance(raw, bytes) else (raw or "")
+    data_in = resp.read()
+    text = data_in.decode() if isinstance(data_in, bytes) else (data_in or "")
     if resp.status == 404:
         raise NotFound(path)
     if resp.status == 409:

@@ -120,6 +120,12 @@ def ensure_child(kube: Kube, child: Child, owner_uid: str, actions: list[str], c
         conflicts.append(f"{child.key} exists and is not owned by this {KIND}; left untouched")
         return actual
     if child.create_only:
+        want = (child.body["metadata"].get("annotations") or {}).get(child.replace_on) if child.replace_on else None
+        have = ((actual.get("metadata") or {}).get("annotations") or {}).get(child.replace_on) if child.replace_on else None
+        if want != have:
+            kube.delete(child.api, ns, child.name, uid=actual["metadata"]["uid"])
+            actions.append(f"replaced {child.key}")
+            return None
         return actual
     patch = drift_patch(child.body, actual)
     if patch is None:

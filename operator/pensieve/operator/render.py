@@ -33,6 +33,9 @@ class Child:
     api: ApiRef
     body: dict[str, Any]
     create_only: bool = False  # created when missing, never patched (a PVC: its spec is the storage's)
+    # With create_only: an annotation whose change replaces the object (the download Job's model
+    # source: a new source is a new download; a new engine image is not).
+    replace_on: str = ""
 
     @property
     def name(self) -> str:
@@ -393,7 +396,7 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
             notes.append("monitoring.serviceMonitor is on but the cluster serves no monitoring.coreos.com ServiceMonitor; skipped")
     if spec.model_cache.enabled:
         children[:0] = [Child(PVCS, render_model_cache_pvc(spec, owner), create_only=True),
-                        Child(JOBS, render_model_fetch_job(spec, owner))]
+                        Child(JOBS, render_model_fetch_job(spec, owner), create_only=True, replace_on=MODEL_SOURCE)]
     else:
         absent += [(JOBS, f"{spec.name}-model-fetch"), (PVCS, f"{spec.name}-model-cache")]
     if pool is not None:
@@ -408,6 +411,7 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
 # it read-only and wait (an init container) for the marker the Job writes when the download of
 # this source (id + revision) is complete. The Job's name is fixed; a new source replaces it.
 MODEL_CACHE_MOUNT = "/models"
+MODEL_SOURCE = "pensieve.ai/model-source"  # on the download Job: what it downloads
 # Prints progress lines the operator reads back from the Job pod's log (status.modelCache.progress).
 CACHE_FETCH_SCRIPT = (
     "import os, sys, time; from huggingface_hub import snapshot_download; "
@@ -471,7 +475,7 @@ def render_model_fetch_job(spec: PensieveSpec, owner=None) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": _meta(spec, n["job"], "model-fetch", owner) | {
-            "annotations": {"pensieve.ai/model-source": f"{src.hf_id}@{src.revision}"}},
+            "annotations": {MODEL_SOURCE: f"{src.hf_id}@{src.revision}"}},
         "spec": {
             "backoffLimit": 6,
             "template": {
