@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-# Fast resyncs for tests; read when the handlers module is imported.
+# Fast resyncs for tests; Settings.from_env reads them when the operator starts.
 os.environ.setdefault("PENSIEVE_OPERATOR_RESYNC_SECONDS", "5")
 os.environ.setdefault("PENSIEVE_OPERATOR_DELETION_COST_SECONDS", "1")
 os.environ.setdefault("PENSIEVE_OPERATOR_DELETION_COST_TIMEOUT_SECONDS", "1")

@@ -29,7 +29,7 @@ def main() -> None:
     print(f"pensieve-fetch: downloading {repo}@{rev}", flush=True)
     Path(host_dest).mkdir(parents=True, exist_ok=True)
     for i in range(3):
-        time.sleep(float(os.environ.get("PENSIEVE_STANDIN_FETCH_SECONDS", "0.5")))
+        time.sleep(float(os.environ.get("PENSIEVE_STANDIN_FETCH_SECONDS", "1.5")))
         print(f"Fetching 3 files: {100 * (i + 1) // 3}%| {i + 1}/3", flush=True)
     (Path(host_dest) / "config.json").write_text(json.dumps({"model_type": "standin", "source": f"{repo}@{rev}"}))
     Path(host_marker).write_text(rev)
