@@ -1,10 +1,8 @@
 """Issue "Hardening" 6-9 in the rendered manifests: pod security, keys from a Secret, the
-engines' NetworkPolicy, and the operator's RBAC (cluster-wide and namespaced)."""
+engines' NetworkPolicy (the operator's RBAC: test_manifests.py)."""
 import re
-from pathlib import Path
 
 import pytest
-import yaml
 
 from pensieve.operator.discovery import choose_versions
 from pensieve.operator.render import render_children
@@ -12,8 +10,6 @@ from pensieve.operator.settings import Settings
 from pensieve.operator.sizing import compute_sizing
 
 from pdep_helpers import NODES, make_spec
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def children(settings=None, **over):
