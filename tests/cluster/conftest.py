@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-# Fast resyncs for tests; read when the handlers module is imported.
+# Fast resyncs for tests; Settings.from_env reads them when the operator starts.
 os.environ.setdefault("PENSIEVE_OPERATOR_RESYNC_SECONDS", "5")
 os.environ.setdefault("PENSIEVE_OPERATOR_DELETION_COST_SECONDS", "1")
 os.environ.setdefault("PENSIEVE_OPERATOR_DELETION_COST_TIMEOUT_SECONDS", "1")
@@ -37,6 +37,7 @@ from standin_kubelet import Net, StandInKubelet, engine_command, standin_command
 from waiting import wait_for  # noqa: F401  (re-exported: the cluster tests import it from here)
 
 H100 = "NVIDIA-H100-80GB-HBM3"
+SAMPLE_API_KEYS = ("test-key-one", "test-key-two")  # in every test namespace's chat-api-keys Secret
 FAKE_NODES = [
     # name, allocatable memory, GPUs (units), product, MiB per GPU, gpu.replicas
     ("gpu-h100-0", "2015Gi", 8, H100, 81559, None),
@@ -233,6 +234,9 @@ def namespace(api, request):
 
     name = "t-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-") + f"-{int(time.time() * 10) % 100000}"
     core.create_namespace({"metadata": {"name": name}})
+    # The sample's spec.auth Secret, so that manifests/samples/pensieve.yaml applies as documented.
+    core.create_namespaced_secret(name, {"metadata": {"name": "chat-api-keys"},
+                                         "stringData": {"api-keys": ",".join(SAMPLE_API_KEYS)}})
     yield name
     # Free the fake GPUs for the next test: the PensieveDeployments go (their children with
     # them, by garbage collection), then the namespace.

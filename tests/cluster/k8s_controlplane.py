@@ -6,8 +6,10 @@ The API server listens on all addresses at a free port (so stand-in pods in thei
 network namespaces can reach it through their gateway); clients authenticate with a
 static token in system:masters; RBAC is on. The controller manager runs every
 controller except node lifecycle (the fake nodes have no kubelet heartbeats) and CSR
-signing; it does garbage collection, Deployments → ReplicaSets → Pods,
-EndpointSlices and the HPA. The scheduler binds pods to the fake nodes.
+signing; it does garbage collection, Deployments → ReplicaSets → Pods, Jobs,
+EndpointSlices, the HPA, and binds PersistentVolumeClaims to PersistentVolumes (tests
+create hostPath volumes; the claim-protection finalizers are removed once unused).
+The scheduler binds pods to the fake nodes.
 """
 from __future__ import annotations
 
@@ -122,8 +124,8 @@ current-context: pensieve
         self._wait_ready(timeout - (time.time() - t0))
         self._spawn("kube-controller-manager", [
             str(self.bins / "kube-controller-manager"), f"--kubeconfig={self.kubeconfig}",
-            "--controllers=*,-nodelifecycle,-csrsigning,-csrapproving,-csrcleaner,-nodeipam,-persistentvolume-binder,"
-            "-attachdetach,-persistentvolume-expander,-pv-protection,-pvc-protection,-ttl,-cloud-node-lifecycle,-route,-service",
+            "--controllers=*,-nodelifecycle,-csrsigning,-csrapproving,-csrcleaner,-nodeipam,"
+            "-attachdetach,-persistentvolume-expander,-ttl,-cloud-node-lifecycle,-route,-service",
             "--leader-elect=false", "--port=0", "--secure-port=0", "--use-service-account-credentials=false",
             f"--service-account-private-key-file={wd / 'sa.key'}",
             "--horizontal-pod-autoscaler-sync-period=3s", "--concurrent-gc-syncs=5",

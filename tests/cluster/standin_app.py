@@ -6,7 +6,8 @@ answers /health, /ready and /metrics with the engine contract's metric names
 
 On SIGTERM it turns /ready false and exits after PENSIEVE_STANDIN_DRAIN_SECONDS
 (default 0.5), like the engine's drain. GET /debug/env returns its PENSIEVE_* env.
-`pensieve_sessions_active` is PENSIEVE_STANDIN_SESSIONS_ACTIVE (default 0), changed at run
+With PENSIEVE_API_KEY (comma-separated keys) set, /v1/chat/completions needs one as a bearer
+token, as the engine does. `pensieve_sessions_active` is PENSIEVE_STANDIN_SESSIONS_ACTIVE (default 0), changed at run
 time with POST /debug/sessions {"active": N}.
 """
 from __future__ import annotations
@@ -78,7 +79,14 @@ def main() -> None:
         state["sessions"] = int((await request.json())["active"])
         return web.json_response({"active": state["sessions"]})
 
+    keys = {k.strip() for k in env.get("PENSIEVE_API_KEY", "").split(",") if k.strip()}
+
     async def chat(request):
+        # The engine's contract: with PENSIEVE_API_KEY set, /v1/* needs one of its keys as a bearer token.
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if keys and (scheme.lower() != "bearer" or token.strip() not in keys):
+            return web.json_response({"error": {"message": "incorrect API key", "type": "authentication_error",
+                                                "param": None, "code": "invalid_api_key"}}, status=401)
         body = await request.json()
         state["requests"] += 1
         state["prompt"] += sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))

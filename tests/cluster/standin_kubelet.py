@@ -23,6 +23,7 @@ the host (KUBERNETES_SERVICE_HOST), which is how the pod reaches the API server.
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import os
 import random
@@ -52,6 +53,9 @@ def now() -> str:
 def standin_command(pod: dict, container: dict, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     ports = container.get("ports") or [{"containerPort": 8000}]
     role = (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component", "app")
+    if role == "model-fetch":  # the model cache's download Job: a stand-in download that counts itself
+        repo, rev, dest, marker = container["command"][3:7]
+        return [sys.executable, str(HERE / "standin_fetch.py"), repo, rev, dest, marker], env
     return [sys.executable, str(HERE / "standin_app.py"), "--role", role, "--host", "0.0.0.0",
             "--port", str(ports[0]["containerPort"])], env
 
@@ -69,6 +73,14 @@ def engine_command(model_dir: str, fallback: CommandFor = standin_command) -> Co
         return [sys.executable, "-m", "pensieve.engine", "serve", "--model", model_dir, "--host", "0.0.0.0",
                 "--port", port], env
     return command_for
+
+
+def host_path(path: str, mounts: dict[str, str]) -> str | None:
+    """A container path under one of the pod's claim mounts, on the host (None: not under one)."""
+    for mount, host in mounts.items():
+        if path == mount or path.startswith(mount.rstrip("/") + "/"):
+            return host + path[len(mount.rstrip("/")):]
+    return None
 
 
 def with_router(command_for: CommandFor, kubeconfig: Path, out_dir: Path) -> CommandFor:
@@ -104,6 +116,7 @@ class PodRun:
     terminating: bool = False
     log: Any = None
     host_ip: str = ""
+    finished: bool = False  # a Job's pod whose process exited 0 (phase Succeeded)
 
 
 class Net:
@@ -231,6 +244,12 @@ class StandInKubelet:
                 path = e["valueFrom"]["fieldRef"]["fieldPath"]
                 env[e["name"]] = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": ns,
                                   "spec.nodeName": pod["spec"].get("nodeName", "")}.get(path, "")
+            elif (e.get("valueFrom") or {}).get("secretKeyRef"):
+                ref = e["valueFrom"]["secretKeyRef"]
+                secret = self.core.read_namespaced_secret(ref["name"], ns)  # absent: the pod waits, as a kubelet's does
+                if ref["key"] not in (secret.data or {}):
+                    raise ApiException(status=404, reason=f"key {ref['key']} not in Secret {ref['name']}")
+                env[e["name"]] = base64.b64decode(secret.data[ref["key"]]).decode()
         return env
 
     def _start(self, pod: dict) -> None:
@@ -238,8 +257,13 @@ class StandInKubelet:
         container = spec["containers"][0]
         try:
             env = self._resolve_env(pod, container)
+            mounts = self._mounts(pod, container)
         except ApiException:
-            return  # ConfigMap not there yet: try again next round
+            return  # ConfigMap, Secret or a bound claim not there yet: try again next round
+        if mounts:
+            env["PENSIEVE_STANDIN_MOUNTS"] = ",".join(f"{k}={v}" for k, v in mounts.items())
+        if not self._init_done(pod, mounts):
+            return  # an init container still waits (wait-for-model: the download's marker)
         ns, ip, host_ip = self.net.allocate()
         if self.api_server_port:
             env["KUBERNETES_SERVICE_HOST"] = host_ip
@@ -257,11 +281,51 @@ class StandInKubelet:
         self.pods[run.uid] = run
         self._report(pod, run)
 
+    def _mounts(self, pod: dict, container: dict) -> dict[str, str]:
+        """mountPath -> host directory for the container's PersistentVolumeClaim mounts (hostPath
+        PersistentVolumes: the stand-in's storage). An unbound claim raises, as a pod waits."""
+        ns = pod["metadata"]["namespace"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes") or []
+                  if v.get("persistentVolumeClaim")}
+        out = {}
+        for m in container.get("volumeMounts") or []:
+            if m["name"] in claims:
+                pvc = self.core.read_namespaced_persistent_volume_claim(claims[m["name"]], ns)
+                if not pvc.spec.volume_name:
+                    raise ApiException(status=409, reason=f"claim {claims[m['name']]} not bound")
+                pv = self.core.read_persistent_volume(pvc.spec.volume_name)
+                out[m["mountPath"]] = pv.spec.host_path.path
+        return out
+
+    @staticmethod
+    def _init_done(pod: dict, mounts: dict[str, str]) -> bool:
+        """Init containers named wait-for-model finish when their marker file (last argument) exists."""
+        for c in pod["spec"].get("initContainers") or []:
+            if c["name"] == "wait-for-model":
+                path = host_path(c["command"][-1], mounts)
+                if path is None or not os.path.exists(path):
+                    return False
+        return True
+
     def _probe(self, pod: dict, run: PodRun) -> None:
-        if run.proc is not None and run.proc.poll() is not None and not run.terminating:
-            run.restarts += 1  # crashed: restart it, as restartPolicy Always does
+        if run.finished:
+            return
+        exited = run.proc is not None and run.proc.poll() is not None and not run.terminating
+        if exited and pod["spec"].get("restartPolicy", "Always") != "Always" and run.proc.returncode == 0:
+            run.finished = True  # a Job's pod: done
+            self._report(pod, run, phase="Succeeded")
+            return
+        if exited and pod["spec"].get("restartPolicy") == "Never":
+            run.finished = True
+            self._report(pod, run, phase="Failed")
+            return
+        if exited:
+            run.restarts += 1  # crashed: restart it, as restartPolicy Always (or OnFailure) does
             container = pod["spec"]["containers"][0]
             env = self._resolve_env(pod, container)
+            mounts = self._mounts(pod, container)
+            if mounts:
+                env["PENSIEVE_STANDIN_MOUNTS"] = ",".join(f"{k}={v}" for k, v in mounts.items())
             if self.api_server_port:
                 env["KUBERNETES_SERVICE_HOST"] = run.host_ip
             argv, env = self.command_for(pod, container, env)
@@ -287,12 +351,15 @@ class StandInKubelet:
         except Exception:  # noqa: BLE001
             return False
 
-    def _report(self, pod: dict, run: PodRun) -> None:
+    def _report(self, pod: dict, run: PodRun, phase: str = "Running") -> None:
         container = pod["spec"]["containers"][0]
         t = now()
-        ready = "True" if run.ready else "False"
+        ready = "True" if run.ready and phase == "Running" else "False"
+        state = {"running": {"startedAt": run.started_at}} if phase == "Running" else {"terminated": {
+            "exitCode": run.proc.returncode if run.proc else 0, "reason": "Completed" if phase == "Succeeded" else "Error",
+            "startedAt": run.started_at, "finishedAt": t}}
         status = {
-            "phase": "Running",
+            "phase": phase,
             "hostIP": self._node_ip(run.node),
             "podIP": run.ip,
             "podIPs": [{"ip": run.ip}],
@@ -305,8 +372,8 @@ class StandInKubelet:
             ],
             "containerStatuses": [{
                 "name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": run.ready,
-                "started": True, "restartCount": run.restarts, "containerID": f"standin://{run.proc.pid if run.proc else 0}",
-                "state": {"running": {"startedAt": run.started_at}},
+                "started": phase == "Running", "restartCount": run.restarts,
+                "containerID": f"standin://{run.proc.pid if run.proc else 0}", "state": state,
             }],
         }
         if pod["spec"].get("initContainers"):

@@ -57,3 +57,31 @@ def test_chart_installs_what_manifests_install(control_plane, crd, api):
     status = asyncio.run(helm.Status(cfg).run("pensieve-operator"))
     assert "deployed" in json.dumps(status).lower()
     asyncio.run(helm.Uninstall(cfg).run("pensieve-operator", wait=False))
+
+
+def test_chart_namespaced_mode_grants_in_the_watched_namespaces_only(control_plane, crd, api):
+    helm = pytest.importorskip("helm_sdkpy", reason="helm-sdkpy comes from requirements/py312-only.txt")
+    watched = ["team-a", "team-b"]
+    for ns in watched:
+        raw_request(api, "POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
+    cfg = helm.Configuration(namespace="pensieve-ns", kubeconfig=str(control_plane.kubeconfig))
+    result = asyncio.run(helm.Install(cfg).run("pensieve-operator", str(CHART), create_namespace=True, wait=False, timeout=120,
+                                               values={"settings": {"namespaces": ",".join(watched)}}))
+    rendered = [d for d in yaml.safe_load_all(result["manifest"]) if d]
+    kinds = {(o["kind"], o["metadata"]["name"], o["metadata"].get("namespace")) for o in rendered}
+    try:
+        # The namespaced rights: a RoleBinding in each watched namespace, no cluster-wide binding of them.
+        assert ("ClusterRoleBinding", "pensieve-operator", None) not in kinds
+        for ns in watched:
+            rb = wait_for(lambda: raw_request(api, "GET", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/pensieve-operator"),
+                          20, f"RoleBinding in {ns}")
+            assert rb["roleRef"]["name"] == "pensieve-operator"
+            assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "pensieve-operator", "namespace": "pensieve-ns"}]
+        # The cluster-scoped reads stay cluster-wide; the operator knows its namespaces and its own namespace.
+        assert ("ClusterRoleBinding", "pensieve-operator-cluster", None) in kinds
+        dep = next(o for o in rendered if o["kind"] == "Deployment")
+        env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["PENSIEVE_OPERATOR_NAMESPACES"] == "team-a,team-b"
+        assert env["PENSIEVE_OPERATOR_OPERATOR_NAMESPACE"] == "pensieve-ns"
+    finally:
+        asyncio.run(helm.Uninstall(cfg).run("pensieve-operator", wait=False))

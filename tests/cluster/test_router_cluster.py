@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from kubernetes import client
 
-from conftest import wait_for
+from conftest import SAMPLE_API_KEYS, wait_for
 from test_operator_cluster import SAMPLE, create_pdep, wait_ready
 
 ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
@@ -66,7 +66,8 @@ def router_ready(base):
 def chat(base, sid):
     body = {"model": "qwen2.5-0.5b-instruct", "messages": [{"role": "user", "content": f"hello from {sid}"}]}
     req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", "X-Session-ID": sid})
+                                 headers={"Content-Type": "application/json", "X-Session-ID": sid,
+                                          "Authorization": f"Bearer {SAMPLE_API_KEYS[0]}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         doc = json.loads(r.read())
         endpoint = r.headers.get("X-Pensieve-Endpoint")

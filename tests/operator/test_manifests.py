@@ -57,7 +57,7 @@ def test_crd_is_structural_and_complete():
     assert v["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
                                           "labelSelectorPath": ".status.selector"}
     assert "status" in v["subresources"]
-    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Ready", "Replicas", "Endpoint", "Age"]
+    assert [c["name"] for c in v["additionalPrinterColumns"]] == ["Ready", "Degraded", "Replicas", "Endpoint", "Age"]
     schema = v["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         if path == "$.metadata":
@@ -110,7 +110,8 @@ def test_operator_deployment_and_rbac():
     env = {e["name"]: e["value"] for e in c["env"]}
     assert Settings.from_env(env) == Settings()  # the manifest spells out the defaults
     assert set(env) == {"PENSIEVE_OPERATOR_" + f.name.upper() for f in dataclasses.fields(Settings)}
-    rules = [d for d in load_all(ROOT / "manifests" / "rbac.yaml") if d["kind"] == "ClusterRole"][0]["rules"]
+    rbac = {d["metadata"]["name"]: d for d in load_all(ROOT / "manifests" / "rbac.yaml") if d["kind"] == "ClusterRole"}
+    rules = rbac["pensieve-operator"]["rules"]
     # Every child the operator renders (on old and new clusters) is covered, with no wildcard anywhere.
     for old in (True, False):
         served = {("autoscaling", "v2beta2" if old else "v2"): ["horizontalpodautoscalers"],
@@ -123,6 +124,21 @@ def test_operator_deployment_and_rbac():
         for child in children:
             assert any(child.api.group in r["apiGroups"] and child.api.plural in r["resources"]
                        and {"get", "create", "patch", "delete"} <= set(r["verbs"]) for r in rules), child.key
+            if child.api.kind == "RoleBinding":  # the one ClusterRole the operator may bind, by name
+                assert any(r["resources"] == ["clusterroles"] and r["verbs"] == ["bind"]
+                           and r["resourceNames"] == [child.body["roleRef"]["name"]] for r in rules)
+                assert child.body["roleRef"]["name"] in rbac
+    # No Role or ClusterRole is written at run time, and nothing escalates or impersonates.
+    every = [r for role in rbac.values() for r in role["rules"]]
+    assert not any({"roles", "clusterroles"} & set(r["resources"]) and set(r["verbs"]) - {"bind", "get", "list", "watch"}
+                   for r in every)
+    assert not any({"escalate", "impersonate"} & set(r["verbs"]) for r in every)
+    assert not any(r["resources"] == ["clusterroles"] and not r.get("resourceNames") for r in every)
+    # The router's ClusterRole reads only.
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in rbac["pensieve-router"]["rules"])
+    # Cluster-scoped grants: reads only.
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in rbac["pensieve-operator-cluster"]["rules"])
+    rules = every
     assert not any("*" in r["apiGroups"] + r["resources"] + r["verbs"] for r in rules)
 
 

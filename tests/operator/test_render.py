@@ -32,7 +32,8 @@ def render(settings, nodes=None, old=True, sm_crd=False, **over):
 
 def test_discovery_prefers_newest():
     assert apis(old=True).to_status() == {"horizontalPodAutoscaler": "autoscaling/v2beta2", "podDisruptionBudget": "policy/v1beta1",
-                                          "endpointSlice": "discovery.k8s.io/v1beta1", "serviceMonitor": "none"}
+                                          "endpointSlice": "discovery.k8s.io/v1beta1", "serviceMonitor": "none",
+                                          "inferencePool": "none"}
     new = apis(old=False, monitoring=True)
     assert new.hpa.api_version == "autoscaling/v2" and new.pdb.api_version == "policy/v1" and new.service_monitor
     both = choose_versions(lambda g, v: {"autoscaling": ["horizontalpodautoscalers"], "policy": ["poddisruptionbudgets"],
@@ -44,8 +45,8 @@ def test_discovery_prefers_newest():
 def test_children_labels_and_owner(settings):
     spec, sizing, ch, absent, _ = render(settings)
     assert set(ch) == {"ConfigMap/chat-engine", "Service/chat-engine", "Deployment/chat-engine", "PodDisruptionBudget/chat-engine",
-                       "ServiceAccount/chat-router", "Role/chat-router", "RoleBinding/chat-router", "Deployment/chat-router",
-                       "Service/chat"}
+                       "ServiceAccount/chat-router", "RoleBinding/chat-router", "Deployment/chat-router",
+                       "Service/chat", "NetworkPolicy/chat-engine"}
     for c in ch.values():
         meta = c.body["metadata"]
         assert meta["namespace"] == "default"
@@ -53,7 +54,8 @@ def test_children_labels_and_owner(settings):
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "pensieve-operator"
         assert meta["ownerReferences"] == [{"apiVersion": "pensieve.ai/v1alpha1", "kind": "PensieveDeployment", "name": "chat",
                                             "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
-    assert {(a.kind, n) for a, n in absent} == {("HorizontalPodAutoscaler", "chat")}
+    assert {(a.kind, n) for a, n in absent} == {("HorizontalPodAutoscaler", "chat"), ("Job", "chat-model-fetch"),
+                                                ("PersistentVolumeClaim", "chat-model-cache")}
 
 
 def test_engine_deployment(settings):
@@ -98,8 +100,10 @@ def test_services_router_and_selector(settings):
     rc = router["template"]["spec"]["containers"][0]
     assert rc["command"] == ["python", "-m", "pensieve.router"]
     assert {"name": "PENSIEVE_ROUTER_SERVICE", "value": "chat-engine"} in rc["env"]
-    role = ch["Role/chat-router"].body
-    assert role["rules"][0] == {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    binding = ch["RoleBinding/chat-router"].body
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "pensieve-router"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chat-router", "namespace": "default"}]
+    assert not any(k.startswith(("Role/", "ClusterRole")) for k in ch)  # no Role is made at run time
     assert endpoint_url(spec) == "http://chat.default.svc"
     assert selector_string("chat") == "app.kubernetes.io/component=engine,app.kubernetes.io/instance=chat,app.kubernetes.io/name=pensieve"
 
@@ -153,3 +157,34 @@ def test_drift_detection_ignores_server_defaults():
 
 def test_pod_deletion_cost_hook():
     assert pod_deletion_cost_patch(7) == {"metadata": {"annotations": {POD_DELETION_COST: "7"}}}
+
+
+def test_inference_pool_where_its_crd_is_served(settings):
+    served = {("autoscaling", "v2"): ["horizontalpodautoscalers"], ("policy", "v1"): ["poddisruptionbudgets"],
+              ("discovery.k8s.io", "v1"): ["endpointslices"],
+              ("inference.networking.k8s.io", "v1"): ["inferencepools", "inferencepools/status"],
+              ("inference.networking.x-k8s.io", "v1alpha2"): ["inferencepools"]}
+    with_pool = choose_versions(lambda g, v: served.get((g, v)))
+    assert with_pool.to_status()["inferencePool"] == "inference.networking.k8s.io/v1"
+    spec = make_spec(settings, engine={"port": 8100})
+    sizing = compute_sizing([NODES["8xH100"]()], spec, settings)
+    children, absent, _ = render_children(spec, sizing, settings, with_pool, owner=OWNER)
+    ch = {c.key: c.body for c in children}
+    pool = ch["InferencePool/chat"]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["spec"] == {"selector": {"matchLabels": {"app.kubernetes.io/name": "pensieve", "app.kubernetes.io/instance": "chat",
+                                                         "app.kubernetes.io/component": "engine"}},
+                            "targetPorts": [{"number": 8100}],
+                            "endpointPickerRef": {"name": "chat-epp", "port": {"number": 9002}, "failureMode": "FailClose"}}
+    # The gateway's namespace (here: the deployment's own) may reach the engines.
+    sources = ch["NetworkPolicy/chat-engine"]["spec"]["ingress"][0]["from"]
+    assert sources[-1] == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "default"}}}
+    # Switched off: not rendered, and removed if this object made one.
+    spec = make_spec(settings, inferencePool={"enabled": False})
+    children, absent, _ = render_children(spec, sizing, settings, with_pool, owner=OWNER)
+    assert "InferencePool/chat" not in {c.key for c in children} and ("InferencePool", "chat") in {(a.kind, n) for a, n in absent}
+    # Only the alpha group served: no InferencePool (one pinned version).
+    alpha_only = choose_versions(lambda g, v: {k: v2 for k, v2 in served.items() if k[0] != "inference.networking.k8s.io"}.get((g, v)))
+    assert alpha_only.inference_pool is None
+    children, _, _ = render_children(make_spec(settings), sizing, settings, alpha_only, owner=OWNER)
+    assert not any(c.api.kind == "InferencePool" for c in children)

@@ -179,3 +179,26 @@ def test_normalize():
     assert normalize("10.0.0.1", 8000) == "10.0.0.1:8000"
     assert normalize("http://h:1/") == "h:1"
     assert normalize("fd00::1", 8000) == "[fd00::1]:8000"
+
+
+def test_api_keys_are_checked_at_the_router_and_passed_on():
+    async def main():
+        engs = await engines(1)
+        router, url, stop = await make_router([e.address for e in engs], api_key="k1, k2")
+        async with aiohttp.ClientSession() as c:
+            for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic k1"}, {"Authorization": "Bearer "}):
+                async with c.post(f"{url}/v1/chat/completions", json={"messages": []}, headers=headers) as r:
+                    assert r.status == 401
+                    assert (await r.json())["error"]["code"] == "invalid_api_key"
+            for key in ("k1", "k2"):
+                async with c.post(f"{url}/v1/chat/completions", json={"messages": []},
+                                  headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == 200
+            async with c.get(f"{url}/health") as r:  # probes and metrics stay open
+                assert r.status == 200
+            async with c.get(f"{url}/metrics") as r:
+                assert '"401"' in await r.text()
+        assert len(engs[0].seen) == 2  # refused requests never reached an engine
+        assert [s["headers"]["Authorization"] for s in engs[0].seen] == ["Bearer k1", "Bearer k2"]
+        await stop_all(stop, engs)
+    run(main())

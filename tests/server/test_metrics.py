@@ -61,6 +61,22 @@ def test_contract_names_present(server):
     assert info[0]["cache_mode"] == "pensieve"
 
 
+def test_vllm_named_aliases_for_the_inference_gateway(server):
+    """The endpoint picker of the Gateway API Inference Extension reads vLLM's names."""
+    m = scrape(server)
+    types = m[("__types__", ())]
+    for alias, ours in [("vllm:num_requests_waiting", "pensieve_num_requests_waiting"),
+                        ("vllm:num_requests_running", "pensieve_num_requests_running"),
+                        ("vllm:num_requests_swapped", "pensieve_num_requests_swapped"),
+                        ("vllm:gpu_cache_usage_perc", "pensieve_gpu_cache_usage_ratio"),
+                        ("vllm:kv_cache_usage_perc", "pensieve_gpu_cache_usage_ratio")]:
+        assert types[alias] == "gauge", alias
+        assert value(m, alias) == value(m, ours), alias
+    (info,) = [dict(k[1]) for k in m if k[0] == "vllm:cache_config_info"]
+    assert info == {"block_size": "32", "num_gpu_blocks": "64", "num_cpu_blocks": info["num_cpu_blocks"]}
+    assert 0 <= value(m, "vllm:kv_cache_usage_perc") <= 1
+
+
 def test_metrics_move_as_requests_are_served(server):
     server.wait_idle()
     before = scrape(server)

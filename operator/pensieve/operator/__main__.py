@@ -1,8 +1,6 @@
 """`python -m pensieve.operator`: run the operator with settings from PENSIEVE_OPERATOR_*."""
 from __future__ import annotations
 
-import logging
-
 import kopf
 
 from .settings import Settings
@@ -10,10 +8,10 @@ from .settings import Settings
 
 def main() -> None:
     s = Settings.from_env()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf's handler is the only one on the root logger (a second one printed every line twice).
+    kopf.configure(verbose=False, log_format=kopf.LogFormat[s.log_format.upper()])
     from . import handlers  # noqa: F401  (registers the handlers)
 
-    kopf.configure(verbose=False)
     kopf.run(
         clusterwide=not s.namespaces,
         namespaces=list(s.namespaces),

@@ -36,6 +36,7 @@ class ApiVersions:
     pdb: ApiRef
     endpointslice: ApiRef
     service_monitor: ApiRef | None
+    inference_pool: ApiRef | None = None
 
     def to_status(self) -> dict[str, str]:
         return {
@@ -43,7 +44,17 @@ class ApiVersions:
             "podDisruptionBudget": self.pdb.api_version,
             "endpointSlice": self.endpointslice.api_version,
             "serviceMonitor": self.service_monitor.api_version if self.service_monitor else "none",
+            "inferencePool": self.inference_pool.api_version if self.inference_pool else "none",
         }
+
+
+# The Gateway API Inference Extension's InferencePool, pinned to inference.networking.k8s.io/v1:
+# its first stable version (the project's v1.0 release), under the k8s.io group that carries
+# API-review compatibility guarantees. The earlier inference.networking.x-k8s.io/v1alpha2 had
+# another shape (a label map selector, targetPortNumber, extensionRef) and is experimental;
+# rendering one shape for one version keeps drift comparison exact. A cluster that serves only
+# the alpha version gets no InferencePool (status.apiVersions.inferencePool: none).
+INFERENCE_POOL = ApiRef("inference.networking.k8s.io", "v1", "inferencepools", "InferencePool")
 
 
 class NoUsableVersion(RuntimeError):
@@ -71,5 +82,7 @@ def choose_versions(served: Callable[[str, str], Iterable[str] | None]) -> ApiVe
     sm = served("monitoring.coreos.com", "v1")
     service_monitor = ApiRef("monitoring.coreos.com", "v1", "servicemonitors", "ServiceMonitor") \
         if sm is not None and "servicemonitors" in sm else None
+    ip = served(INFERENCE_POOL.group, INFERENCE_POOL.version)
+    inference_pool = INFERENCE_POOL if ip is not None and INFERENCE_POOL.plural in ip else None
     return ApiVersions(hpa=picked["hpa"], pdb=picked["pdb"], endpointslice=picked["endpointslice"],
-                       service_monitor=service_monitor)
+                       service_monitor=service_monitor, inference_pool=inference_pool)

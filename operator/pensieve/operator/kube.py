@@ -2,6 +2,7 @@
 every kind and API version (the versions come from discovery at run time)."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from typing import Any
@@ -27,21 +28,25 @@ class ApiError(Exception):
 
 
 def raw_request(api: client.ApiClient, method: str, path: str, body: Any = None, *,
-                content_type: str = "application/json", query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
-    """One REST call with the client's configuration and credentials; JSON in, JSON out."""
+                content_type: str = "application/json", query: list[tuple[str, Any]] | None = None,
+                raw: bool = False) -> Any:
+    """One REST call with the client's configuration and credentials; JSON in, JSON out
+    (`raw`: the response text, e.g. a pod's log)."""
     _m, url, headers, data, post = api.param_serialize(
         method=method, resource_path=path, query_params=query or [],
-        header_params={"Accept": "application/json", "Content-Type": content_type},
+        header_params={"Accept": "*/*" if raw else "application/json", "Content-Type": content_type},
         body=body, auth_settings=["BearerToken"])
     resp = api.call_api(_m, url, header_params=headers, body=data, post_params=post)
-    raw = resp.read()
-    text = raw.decode() if isinstance(raw, bytes) else (raw or "")
+    data_in = resp.read()
+    text = data_in.decode() if isinstance(data_in, bytes) else (data_in or "")
     if resp.status == 404:
         raise NotFound(path)
     if resp.status == 409:
         raise Conflict(text)
     if not 200 <= resp.status < 300:
         raise ApiError(resp.status, text)
+    if raw:
+        return text
     return json.loads(text) if text else {}
 
 
@@ -61,6 +66,9 @@ class Kube:
     def request(self, method: str, path: str, body: Any = None, *, content_type: str = "application/json",
                 query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
         return raw_request(self.api, method, path, body, content_type=content_type, query=query)
+
+    def text(self, path: str, query: list[tuple[str, Any]] | None = None) -> str:
+        return raw_request(self.api, "GET", path, query=query, raw=True)
 
     # Objects -----------------------------------------------------------------------------------------
     def get(self, api: ApiRef, namespace: str | None, name: str) -> dict[str, Any]:
@@ -91,6 +99,18 @@ class Kube:
             self.request("DELETE", api.path(namespace, name), body)
         except NotFound:
             pass
+
+    def post_event(self, obj: dict[str, Any], type_: str, reason: str, message: str, *, component: str) -> None:
+        """A core/v1 Event about `obj` (posted by the operator's client, from handlers and loops alike)."""
+        meta = obj["metadata"]
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
+                                   "namespace": meta["namespace"], "uid": meta.get("uid")},
+                "type": type_, "reason": reason, "message": message[:1000], "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now, "source": {"component": component}}
+        self.create(EVENTS, meta["namespace"], body)
 
     # Discovery ---------------------------------------------------------------------------------------
     def served(self, group: str, version: str) -> list[str] | None:

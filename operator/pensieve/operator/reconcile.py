@@ -13,11 +13,12 @@ from . import GROUP, KIND, PLURAL, VERSION
 from .discovery import ApiRef, ApiVersions
 from .kube import ApiError, Conflict, Kube, NODES
 from .quantity import parse_quantity
-from .render import Child, endpoint_url, names, render_children, selector_string
+from .model_cache import fetch_progress, model_cache_status
+from .render import Child, endpoint_url, model_cache_names, names, render_children, selector_string
 from .settings import Settings
-from .sizing import Sizing, compute_sizing
-from .spec import PensieveSpec, SpecError, parse_spec
-from .status import condition, merge_conditions
+from .sizing import AppliedSize, compute_sizing, stable_sizing
+from .spec import SpecError, parse_spec
+from .status import Observed, Refusal, StatusInputs, assemble_status, get_condition
 
 log = logging.getLogger("pensieve.operator")
 PDEPS = ApiRef(GROUP, VERSION, PLURAL, KIND)
@@ -36,9 +37,13 @@ class Event:
 
 @dataclasses.dataclass
 class Outcome:
+    """What one reconcile decided: the whole status to write, the events to post, what it changed.
+    Spec refusals are in the status (Degraded) and need no retry: a spec change, a child's event or
+    the next resync runs the reconcile again."""
     status: dict[str, Any]
     events: list[Event]
     actions: list[str]  # "created Deployment/x", "patched ...", "deleted ..."
+    refusal: Refusal | None = None  # the spec was not applied, and why
 
 
 # Comparison -----------------------------------------------------------------------------------------
@@ -86,11 +91,13 @@ def drift_patch(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> dict[s
     """The merge patch that brings `actual` to `desired`, or None when nothing drifted."""
     want = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "metadata")}
     want_meta = {"labels": desired["metadata"].get("labels", {})}
+    if desired["metadata"].get("annotations"):
+        want_meta["annotations"] = desired["metadata"]["annotations"]
     have_meta = actual.get("metadata", {})
     if is_subset(want, actual) and is_subset(want_meta, have_meta):
         return None
     patch = _nulls_for_removed(want, actual)
-    patch["metadata"] = {"labels": want_meta["labels"]}
+    patch["metadata"] = want_meta
     return patch
 
 
@@ -112,14 +119,23 @@ def ensure_child(kube: Kube, child: Child, owner_uid: str, actions: list[str], c
     if not owned_by(actual, owner_uid):
         conflicts.append(f"{child.key} exists and is not owned by this {KIND}; left untouched")
         return actual
+    if child.create_only:
+        want = (child.body["metadata"].get("annotations") or {}).get(child.replace_on) if child.replace_on else None
+        have = ((actual.get("metadata") or {}).get("annotations") or {}).get(child.replace_on) if child.replace_on else None
+        if want != have:
+            kube.delete(child.api, ns, child.name, uid=actual["metadata"]["uid"])
+            actions.append(f"replaced {child.key}")
+            return None
+        return actual
     patch = drift_patch(child.body, actual)
     if patch is None:
         return actual
     try:
         updated = kube.merge_patch(child.api, ns, child.name, patch)
     except ApiError as e:
-        if e.status == 422 and child.api.kind in ("PodDisruptionBudget", "Service"):
-            # An immutable field changed (policy/v1beta1 selector, Service type details): replace.
+        if e.status == 422 and child.api.kind in ("PodDisruptionBudget", "Service", "RoleBinding", "Job"):
+            # An immutable field changed (policy/v1beta1 selector, Service type details, roleRef,
+            # a Job's template: a new model source): replace.
             kube.delete(child.api, ns, child.name, uid=actual["metadata"]["uid"])
             actions.append(f"replaced {child.key}")
             return None
@@ -135,93 +151,71 @@ def ensure_absent(kube: Kube, api: ApiRef, namespace: str, name: str, owner_uid:
         actions.append(f"deleted {api.kind}/{name}")
 
 
-def reconcile(kube: Kube, body: Mapping[str, Any], settings: Settings, apis: ApiVersions) -> Outcome:
-    meta = body["metadata"]
-    generation = meta.get("generation", 0)
-    prev_status = body.get("status") or {}
-    events: list[Event] = []
-    actions: list[str] = []
-    base_status: dict[str, Any] = {"observedGeneration": generation, "apiVersions": apis.to_status(),
-                                   "selector": selector_string(meta["name"])}
+def _observe(kube: Kube, apis: ApiVersions, namespace: str, name: str, uid: str) -> Observed:
+    """Read (never write) the children whose state the status reports; foreign objects count as absent."""
+    n = names(name)
 
-    def refused(reason: str, message: str, sizing: Sizing | None = None) -> Outcome:
-        conds = [condition("Ready", False, reason, message, generation),
-                 condition("Progressing", False, reason, "spec not applied; children left as they are", generation),
-                 condition("Degraded", True, reason, message, generation)]
-        st = dict(prev_status)
-        st.pop("kopf", None)
-        st.update(base_status)
-        st["conditions"] = merge_conditions(prev_status.get("conditions"), conds)
-        if sizing is not None:
-            st["sizing"] = sizing.to_status()
-        events.append(Event("Warning", reason, message))
-        return Outcome(st, events, actions)
+    def get(api: ApiRef, child: str) -> dict[str, Any] | None:
+        obj = kube.get_or_none(api, namespace, child)
+        return obj if obj is not None and owned_by(obj, uid) else None
+    return Observed(engine=get(DEPLOYMENTS, n["engine"]), router=get(DEPLOYMENTS, n["router"]), hpa=get(apis.hpa, n["hpa"]))
+
+
+def _events(prev_status: Mapping[str, Any], status: Mapping[str, Any], actions: list[str]) -> list[Event]:
+    """A Normal event for what was changed; a Warning only when the Degraded condition changes."""
+    events = [Event("Normal", "Reconciled", "; ".join(actions))] if actions else []
+    before, now = get_condition(prev_status, "Degraded") or {}, get_condition(status, "Degraded") or {}
+    if now.get("status") == "True" and (before.get("reason"), before.get("message")) != (now.get("reason"), now.get("message")):
+        events.append(Event("Warning", now.get("reason", "Degraded"), now.get("message", "")))
+    return events
+
+
+def reconcile(kube: Kube, body: Mapping[str, Any], settings: Settings, apis: ApiVersions) -> Outcome:
+    """One level-based pass over a PensieveDeployment: children brought to the spec (unless the spec
+    is refused, when they are left as they are), and the status and events that follow."""
+    meta = body["metadata"]
+    namespace, name, uid = meta.get("namespace", "default"), meta["name"], meta["uid"]
+    generation = meta.get("generation", 0)
+    prev_status = {k: v for k, v in (body.get("status") or {}).items() if k != "kopf"}
+    raw_spec = body.get("spec") or {}
+    inputs: dict[str, Any] = {
+        "generation": generation, "base": {"observedGeneration": generation, "apiVersions": apis.to_status(),
+                                           "selector": selector_string(name)},
+        "replicas_wanted": raw_spec.get("replicas", 1) if isinstance(raw_spec.get("replicas", 1), int) else 1,
+        "router_replicas_wanted": 1, "endpoint": None}
+    actions: list[str] = []
+
+    def finish(observed: Observed, **more: Any) -> Outcome:
+        status = assemble_status(StatusInputs(observed=observed, **(inputs | more)), prev_status)
+        return Outcome(status, _events(prev_status, status, actions), actions, more.get("refusal"))
 
     try:
         spec = parse_spec(body, default_engine_image=settings.engine_image, default_router_image=settings.router_image)
     except SpecError as e:
-        return refused("InvalidSpec", f"invalid spec: {e}")
+        return finish(_observe(kube, apis, namespace, name, uid), refusal=Refusal("InvalidSpec", f"invalid spec: {e}"))
+    inputs.update(replicas_wanted=spec.replicas, router_replicas_wanted=spec.router.replicas, endpoint=endpoint_url(spec))
 
-    nodes = kube.list(NODES)
-    sizing = compute_sizing(nodes, spec, settings)
+    observed = _observe(kube, apis, namespace, name, uid)
+    fresh = compute_sizing(kube.list(NODES), spec, settings)
+    sizing = stable_sizing(fresh, AppliedSize.from_deployment(observed.engine), spec)
     if not sizing.fits:
-        return refused(sizing.reason, sizing.message, sizing)
+        return finish(observed, sizing=sizing.to_status(), refusal=Refusal(sizing.reason, sizing.message))
 
     children, absent, notes = render_children(spec, sizing, settings, apis, owner=body)
     conflicts: list[str] = []
-    observed: dict[str, dict[str, Any] | None] = {}
+    seen: dict[str, dict[str, Any] | None] = {}
     for child in children:
-        observed[child.key] = ensure_child(kube, child, meta["uid"], actions, conflicts)
-    for api, name in absent:
-        ensure_absent(kube, api, spec.namespace, name, meta["uid"], actions)
-    if actions:
-        events.append(Event("Normal", "Reconciled", "; ".join(actions)))
-    return Outcome(compute_status(spec, sizing, observed, prev_status, generation, base_status, conflicts, notes),
-                   events, actions)
-
-
-def _dep_status(d: Mapping[str, Any] | None) -> dict[str, int]:
-    st = (d or {}).get("status") or {}
-    return {k: int(st.get(k) or 0) for k in ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas")} | {
-        "observedGeneration": int(st.get("observedGeneration") or 0),
-        "generation": int(((d or {}).get("metadata") or {}).get("generation") or 0)}
-
-
-def compute_status(spec: PensieveSpec, sizing: Sizing, observed: Mapping[str, Any], prev_status: Mapping[str, Any],
-                   generation: int, base_status: Mapping[str, Any], conflicts: list[str], notes: list[str]) -> dict[str, Any]:
+        seen[child.key] = ensure_child(kube, child, uid, actions, conflicts)
+    for api, child_name in absent:
+        ensure_absent(kube, api, spec.namespace, child_name, uid, actions)
     n = names(spec.name)
-    eng = _dep_status(observed.get(f"Deployment/{n['engine']}"))
-    rtr = _dep_status(observed.get(f"Deployment/{n['router']}"))
-    want = spec.replicas
-    rolled = eng["observedGeneration"] >= eng["generation"] and eng["updatedReplicas"] >= want and eng["replicas"] == want
-    engines_ready = eng["readyReplicas"] >= want and rolled
-    router_ready = spec.router.replicas == 0 or rtr["availableReplicas"] >= 1
-    if want == 0:
-        ready = (False, "ScaledToZero", "replicas is 0")
-    elif engines_ready and router_ready:
-        ready = (True, "AllReplicasReady", f"{eng['readyReplicas']}/{want} engine pods ready; endpoint {endpoint_url(spec)}")
-    elif not engines_ready:
-        ready = (False, "EnginesNotReady", f"{eng['readyReplicas']}/{want} engine pods ready")
-    else:
-        ready = (False, "RouterNotReady", "the router has no available pod")
-    progressing = (not rolled or not engines_ready, "RollingOut" if not rolled else ("WaitingForPods" if not engines_ready else "Complete"),
-                   f"{eng['updatedReplicas']} updated, {eng['readyReplicas']} ready of {want}")
-    problems = conflicts + list(sizing.warnings)
-    if conflicts:
-        degraded = (True, "ChildConflict", "; ".join(problems))
-    elif sizing.warnings:
-        degraded = (True, "InsufficientCapacity", "; ".join(problems))
-    else:
-        degraded = (False, "AsExpected", "; ".join(notes) or "spec applied")
-    conds = [condition("Ready", *ready, generation), condition("Progressing", *progressing, generation),
-             condition("Degraded", *degraded, generation)]
-    st = dict(base_status)
-    st.update({
-        "replicas": eng["replicas"],
-        "readyReplicas": eng["readyReplicas"],
-        "replicaSummary": f"{eng['readyReplicas']}/{want}",
-        "endpoint": endpoint_url(spec),
-        "sizing": sizing.to_status(),
-        "conditions": merge_conditions(prev_status.get("conditions"), conds),
-    })
-    return st
+    observed = Observed(engine=seen.get(f"Deployment/{n['engine']}"), router=seen.get(f"Deployment/{n['router']}"),
+                        hpa=seen.get(f"HorizontalPodAutoscaler/{n['hpa']}"))
+    cache = None
+    if spec.model_cache.enabled:
+        mc = model_cache_names(spec)
+        job = seen.get(f"Job/{mc['job']}")
+        cache = model_cache_status(job, seen.get(f"PersistentVolumeClaim/{mc['claim']}"),
+                                   fetch_progress(kube, spec.namespace, mc["job"]) if job else None)
+    return finish(observed, sizing=sizing.to_status(), conflicts=tuple(conflicts),
+                  capacity_warnings=tuple(sizing.warnings), notes=tuple(notes), model_cache=cache)

@@ -15,7 +15,7 @@ from . import GROUP, KIND, VERSION
 from .discovery import ApiVersions, ApiRef
 from .quantity import format_bytes
 from .settings import Settings
-from .sizing import GPU_RESOURCE, LABEL_GPU_PRODUCT, Sizing
+from .sizing import GPU_RESOURCE, LABEL_GPU_PRODUCT, SIZING_ANNOTATION, AppliedSize, Sizing
 from .spec import PensieveSpec
 
 MANAGED_BY = "pensieve-operator"
@@ -32,6 +32,10 @@ POD_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 class Child:
     api: ApiRef
     body: dict[str, Any]
+    create_only: bool = False  # created when missing, never patched (a PVC: its spec is the storage's)
+    # With create_only: an annotation whose change replaces the object (the download Job's model
+    # source: a new source is a new download; a new engine image is not).
+    replace_on: str = ""
 
     @property
     def name(self) -> str:
@@ -44,8 +48,8 @@ class Child:
 
 def names(name: str) -> dict[str, str]:
     return {
-        "engine": f"{name}-engine",           # Deployment, headless Service, ConfigMap, PDB, ServiceMonitor
-        "router": f"{name}-router",           # Deployment, ServiceAccount, Role, RoleBinding
+        "engine": f"{name}-engine",           # Deployment, headless Service, ConfigMap, PDB, ServiceMonitor, NetworkPolicy
+        "router": f"{name}-router",           # Deployment, ServiceAccount, RoleBinding
         "endpoint": name,                     # router Service: the chat endpoint
         "hpa": name,
     }
@@ -127,22 +131,28 @@ def _model_volume(spec: PensieveSpec) -> tuple[dict[str, Any], dict[str, Any], l
         return vol, mount, []
     if src.kind == "hostPath":
         return {"name": "model", "hostPath": {"path": src.path, "type": "Directory"}}, mount, []
+    if spec.model_cache.enabled:
+        return model_cache_volume(spec)
     # Hugging Face id: fetched into an emptyDir by an init container running the engine image.
-    script = ("import os, sys; from huggingface_hub import snapshot_download; "
-              "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])")
+    script = FETCH_SCRIPT
     init: dict[str, Any] = {
         "name": "fetch-model",
         "image": spec.engine.image,
         "imagePullPolicy": spec.engine.image_pull_policy,
         "command": ["python", "-c", script, src.hf_id, src.revision, spec.model_dir],
-        "env": [{"name": "HF_HOME", "value": "/models/.hf-home"}],
-        "volumeMounts": [{"name": "model", "mountPath": "/models"}],
+        "env": [{"name": "HF_HOME", "value": "/models/.hf-home"}, *scratch_env()],
+        "volumeMounts": [{"name": "model", "mountPath": "/models"}, SCRATCH_MOUNT],
+        "securityContext": container_security_context(),
     }
     if src.token_secret:
         init["env"].append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret, "key": "HF_TOKEN"}}})
     vol = {"name": "model", "emptyDir": {}}
     mount = {"name": "model", "mountPath": "/models", "readOnly": True}
     return vol, mount, [init]
+
+
+FETCH_SCRIPT = ("import os, sys; from huggingface_hub import snapshot_download; "
+                "snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3])")
 
 
 def termination_grace_seconds(spec: PensieveSpec, settings: Settings) -> int:
@@ -163,6 +173,7 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
     env: list[dict[str, Any]] = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        *scratch_env(), *auth_env(spec, "PENSIEVE_API_KEY"),
     ] + [{"name": k, "value": v} for k, v in spec.engine.env]
     container = {
         "name": "engine",
@@ -174,7 +185,7 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
         "env": env,
         "ports": [{"name": ENGINE_PORT_NAME, "containerPort": spec.engine.port, "protocol": "TCP"}],
         "resources": {"requests": requests, "limits": limits},
-        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}, SCRATCH_MOUNT],
         # Loading a model takes a while: the startup probe holds the others off.
         "startupProbe": {"httpGet": {"path": "/health", "port": ENGINE_PORT_NAME}, "periodSeconds": 5, "failureThreshold": 360},
         "livenessProbe": {"httpGet": {"path": "/health", "port": ENGINE_PORT_NAME}, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5},
@@ -183,16 +194,18 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
         # Drain: the pod is already out of the EndpointSlices while this waits; then SIGTERM
         # makes the engine finish in-flight requests within drainSeconds.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_seconds)]}}},
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+        "securityContext": container_security_context(),
     }
     node_selector = dict(spec.resources.node_selector)
     if spec.resources.gpu_product:
         node_selector[LABEL_GPU_PRODUCT] = spec.resources.gpu_product
     pod_spec: dict[str, Any] = {
         "containers": [container],
-        "volumes": [vol, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}],
+        "volumes": [vol, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}, SCRATCH_VOLUME],
         "terminationGracePeriodSeconds": termination_grace_seconds(spec, settings),
         "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,  # engines never call the API
     }
     if init:
         pod_spec["initContainers"] = init
@@ -202,9 +215,12 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
         pod_spec["tolerations"] = [dict(t) for t in spec.resources.tolerations]
     template_meta = {"labels": labels(spec.name, "engine"),
                      "annotations": {CONFIG_HASH: config_hash(engine_env(spec, sizing))}}
+    meta = _meta(spec, n["engine"], "engine", owner)
+    # The applied size, kept while the spec's sizing inputs are unchanged (sizing.stable_sizing).
+    meta["annotations"] = {SIZING_ANNOTATION: AppliedSize.of(spec, sizing).to_annotation()}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": _meta(spec, n["engine"], "engine", owner),
+        "metadata": meta,
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": sel},
@@ -243,12 +259,14 @@ def render_router_deployment(spec: PensieveSpec, owner=None) -> dict[str, Any]:
         "image": spec.router.image,
         "imagePullPolicy": spec.engine.image_pull_policy,
         "command": ["python", "-m", "pensieve.router"],
-        "env": [{"name": k, "value": v} for k, v in env.items()],
+        "env": [{"name": k, "value": v} for k, v in env.items()] + scratch_env()
+        + auth_env(spec, "PENSIEVE_ROUTER_API_KEY"),
+        "volumeMounts": [SCRATCH_MOUNT],
         "ports": [{"name": "http", "containerPort": ROUTER_CONTAINER_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+        "securityContext": container_security_context(),
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -259,7 +277,10 @@ def render_router_deployment(spec: PensieveSpec, owner=None) -> dict[str, Any]:
             "template": {
                 "metadata": {"labels": labels(spec.name, "router")},
                 "spec": {"serviceAccountName": n["router"], "containers": [container], "enableServiceLinks": False,
-                         "terminationGracePeriodSeconds": termination_grace_seconds_router(spec)},
+                         "terminationGracePeriodSeconds": termination_grace_seconds_router(spec),
+                         "volumes": [SCRATCH_VOLUME], "securityContext": pod_security_context(),
+                         # The router watches EndpointSlices through the API: it needs its token.
+                         "automountServiceAccountToken": True},
             },
         },
     }
@@ -281,16 +302,16 @@ def render_router_service(spec: PensieveSpec, owner=None) -> dict[str, Any]:
     }
 
 
-def render_router_rbac(spec: PensieveSpec, apis: ApiVersions, owner=None) -> list[dict[str, Any]]:
+def render_router_rbac(spec: PensieveSpec, settings: Settings, owner=None) -> list[dict[str, Any]]:
+    """The router's identity: a ServiceAccount and a RoleBinding to the ClusterRole installed with
+    the operator (EndpointSlices and Services, read-only). The operator creates no Role, and its
+    RBAC lets it bind this ClusterRole by name (`bind` with resourceNames) without holding what
+    the ClusterRole grants."""
     n = names(spec.name)["router"]
-    es_group = apis.endpointslice.group
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(spec, n, "router", owner)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(spec, n, "router", owner),
-         "rules": [{"apiGroups": [es_group], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-                   {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(spec, n, "router", owner),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": settings.router_cluster_role},
          "subjects": [{"kind": "ServiceAccount", "name": n, "namespace": spec.namespace}]},
     ]
 
@@ -346,17 +367,22 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
         Child(ApiRef("apps", "v1", "deployments", "Deployment"), render_engine_deployment(spec, sizing, settings, owner)),
         Child(apis.pdb, render_pdb(spec, apis, owner)),
     ]
-    rbac = render_router_rbac(spec, apis, owner)
+    rbac = render_router_rbac(spec, settings, owner)
     children += [
         Child(ApiRef("", "v1", "serviceaccounts", "ServiceAccount"), rbac[0]),
-        Child(ApiRef("rbac.authorization.k8s.io", "v1", "roles", "Role"), rbac[1]),
-        Child(ApiRef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"), rbac[2]),
+        Child(ROLEBINDINGS, rbac[1]),
         Child(ApiRef("apps", "v1", "deployments", "Deployment"), render_router_deployment(spec, owner)),
         Child(ApiRef("", "v1", "services", "Service"), render_router_service(spec, owner)),
     ]
     absent: list[tuple[ApiRef, str]] = []
     notes: list[str] = []
     n = names(spec.name)
+    pool = apis.inference_pool if spec.inference_pool.enabled else None
+    gateway_ns = (spec.inference_pool.gateway_namespace or spec.namespace) if pool else ""
+    if spec.network_policy.enabled:
+        children.append(Child(NETWORK_POLICIES, render_network_policy(spec, settings, owner, gateway_ns)))
+    else:
+        absent.append((NETWORK_POLICIES, n["engine"]))
     if spec.autoscaling.enabled:
         children.append(Child(apis.hpa, render_hpa(spec, apis, owner)))
     else:
@@ -368,7 +394,178 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
             absent.append((apis.service_monitor, n["engine"]))
         if spec.monitoring.service_monitor:
             notes.append("monitoring.serviceMonitor is on but the cluster serves no monitoring.coreos.com ServiceMonitor; skipped")
+    if spec.model_cache.enabled:
+        children[:0] = [Child(PVCS, render_model_cache_pvc(spec, owner), create_only=True),
+                        Child(JOBS, render_model_fetch_job(spec, owner), create_only=True, replace_on=MODEL_SOURCE)]
+    else:
+        absent += [(JOBS, f"{spec.name}-model-fetch"), (PVCS, f"{spec.name}-model-cache")]
+    if pool is not None:
+        children.append(Child(pool, render_inference_pool(spec, pool, owner)))
+    elif apis.inference_pool is not None:
+        absent.append((apis.inference_pool, n["endpoint"]))
     return children, absent, notes
+
+
+# Model cache -------------------------------------------------------------------------------------------
+# A Hugging Face model is downloaded once by a Job into a PersistentVolumeClaim; engine pods mount
+# it read-only and wait (an init container) for the marker the Job writes when the download of
+# this source (id + revision) is complete. The Job's name is fixed; a new source replaces it.
+MODEL_CACHE_MOUNT = "/models"
+MODEL_SOURCE = "pensieve.ai/model-source"  # on the download Job: what it downloads
+# Prints progress lines the operator reads back from the Job pod's log (status.modelCache.progress).
+CACHE_FETCH_SCRIPT = (
+    "import os, sys, time; from huggingface_hub import snapshot_download; "
+    "repo, rev, dest, marker = sys.argv[1:5]; t0 = time.time(); "
+    "print(f'pensieve-fetch: downloading {repo}@{rev}', flush=True); "
+    "snapshot_download(repo_id=repo, revision=rev, local_dir=dest); "
+    "n = sum(len(f) for _, _, f in os.walk(dest)); "
+    "open(marker, 'w').write(rev); "
+    "print(f'pensieve-fetch: complete, {n} files in {time.time() - t0:.0f} s', flush=True)")
+WAIT_SCRIPT = ("import os, sys, time\n"
+               "while not os.path.exists(sys.argv[1]):\n"
+               "    print('waiting for the model download (status.modelCache)', flush=True); time.sleep(5)")
+
+
+def model_source_digest(spec: PensieveSpec) -> str:
+    return hashlib.sha256(f"{spec.source.hf_id}@{spec.source.revision}".encode()).hexdigest()[:12]
+
+
+def model_cache_names(spec: PensieveSpec) -> dict[str, str]:
+    return {"claim": f"{spec.name}-model-cache", "job": f"{spec.name}-model-fetch",
+            "marker": f"{MODEL_CACHE_MOUNT}/.pensieve-fetched-{model_source_digest(spec)}"}
+
+
+def model_cache_volume(spec: PensieveSpec) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(volume, mount, init containers) of an engine pod reading the cached model."""
+    n = model_cache_names(spec)
+    vol = {"name": "model", "persistentVolumeClaim": {"claimName": n["claim"], "readOnly": True}}
+    mount = {"name": "model", "mountPath": MODEL_CACHE_MOUNT, "readOnly": True}
+    wait = {"name": "wait-for-model", "image": spec.engine.image, "imagePullPolicy": spec.engine.image_pull_policy,
+            "command": ["python", "-c", WAIT_SCRIPT, n["marker"]],
+            "volumeMounts": [mount], "securityContext": container_security_context(),
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}}}
+    return vol, mount, [wait]
+
+
+def render_model_cache_pvc(spec: PensieveSpec, owner=None) -> dict[str, Any]:
+    c = spec.model_cache
+    body: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": _meta(spec, model_cache_names(spec)["claim"], "model-cache", owner),
+        "spec": {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}},
+    }
+    if c.storage_class:
+        body["spec"]["storageClassName"] = c.storage_class
+    return body
+
+
+def render_model_fetch_job(spec: PensieveSpec, owner=None) -> dict[str, Any]:
+    n, src = model_cache_names(spec), spec.source
+    env = [{"name": "HF_HOME", "value": f"{MODEL_CACHE_MOUNT}/.hf-home"}, *scratch_env()]
+    if src.token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret, "key": "HF_TOKEN"}}})
+    container = {
+        "name": "fetch-model", "image": spec.engine.image, "imagePullPolicy": spec.engine.image_pull_policy,
+        "command": ["python", "-c", CACHE_FETCH_SCRIPT, src.hf_id, src.revision, spec.model_dir, n["marker"]],
+        "env": env,
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_CACHE_MOUNT}, SCRATCH_MOUNT],
+        "securityContext": container_security_context(),
+        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+    }
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": _meta(spec, n["job"], "model-fetch", owner) | {
+            "annotations": {MODEL_SOURCE: f"{src.hf_id}@{src.revision}"}},
+        "spec": {
+            "backoffLimit": 6,
+            "template": {
+                "metadata": {"labels": labels(spec.name, "model-fetch")},
+                "spec": {"restartPolicy": "OnFailure", "containers": [container],
+                         "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": n["claim"]}}, SCRATCH_VOLUME],
+                         "securityContext": pod_security_context(), "automountServiceAccountToken": False,
+                         "enableServiceLinks": False}},
+        },
+    }
+
+
+# Pod hardening ----------------------------------------------------------------------------------------
+UID = 10001  # the images' user (docker/*.Dockerfile)
+SCRATCH_VOLUME = {"name": "scratch", "emptyDir": {"sizeLimit": "4Gi"}}
+# The root filesystem is read-only: what a process writes (Triton and tokenizer caches, temp
+# files) goes to this emptyDir, which is also HOME.
+SCRATCH_MOUNT = {"name": "scratch", "mountPath": "/tmp"}
+
+
+def scratch_env() -> list[dict[str, Any]]:
+    return [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+            {"name": "TRITON_CACHE_DIR", "value": "/tmp/.triton"}]
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "privileged": False, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+# Authentication -----------------------------------------------------------------------------------------
+def auth_env(spec: PensieveSpec, variable: str) -> list[dict[str, Any]]:
+    """The API keys (comma-separated) from spec.auth's Secret, as `variable`; none without spec.auth."""
+    if not spec.auth.enabled:
+        return []
+    return [{"name": variable, "valueFrom": {"secretKeyRef": {"name": spec.auth.secret_name,
+                                                              "key": spec.auth.secret_key}}}]
+
+
+# NetworkPolicy --------------------------------------------------------------------------------------------
+NETWORK_POLICIES = ApiRef("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+PVCS = ApiRef("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
+JOBS = ApiRef("batch", "v1", "jobs", "Job")
+ROLEBINDINGS = ApiRef("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by the API server from 1.21 on
+
+
+def render_network_policy(spec: PensieveSpec, settings: Settings, owner=None,
+                          gateway_namespace: str = "") -> dict[str, Any]:
+    """Engine pods accept traffic from this PensieveDeployment's router pods, the operator's pods
+    (pod-deletion-cost reads /metrics), the monitoring namespace, and the inference gateway's
+    namespace when an InferencePool is made, only."""
+    sources: list[dict[str, Any]] = [{"podSelector": {"matchLabels": selector_labels(spec.name, "router")}}]
+    if settings.operator_namespace:
+        sources.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.operator_namespace}},
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "pensieve-operator"}}})
+    monitoring = spec.network_policy.monitoring_namespace or settings.monitoring_namespace
+    if monitoring:
+        sources.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: monitoring}}})
+    if gateway_namespace:  # an InferencePool: the gateway and its endpoint picker reach the engines
+        sources.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: gateway_namespace}}})
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": _meta(spec, names(spec.name)["engine"], "engine", owner),
+        "spec": {"podSelector": {"matchLabels": selector_labels(spec.name, "engine")},
+                 "policyTypes": ["Ingress"],
+                 "ingress": [{"from": sources,
+                              "ports": [{"protocol": "TCP", "port": spec.engine.port}]}]},
+    }
+
+
+# Inference gateway --------------------------------------------------------------------------------------
+def render_inference_pool(spec: PensieveSpec, api: ApiRef, owner=None) -> dict[str, Any]:
+    """The engine pods as an InferencePool (discovery.INFERENCE_POOL's version), for a Gateway API
+    Inference Extension gateway; its endpoint picker reads the engines' vllm:* metric aliases."""
+    ip = spec.inference_pool
+    return {
+        "apiVersion": api.api_version, "kind": "InferencePool",
+        "metadata": _meta(spec, names(spec.name)["endpoint"], "engine", owner),
+        "spec": {"selector": {"matchLabels": selector_labels(spec.name, "engine")},
+                 "targetPorts": [{"number": spec.engine.port}],
+                 "endpointPickerRef": {"name": ip.endpoint_picker or f"{spec.name}-epp",
+                                       "port": {"number": ip.endpoint_picker_port},
+                                       "failureMode": ip.failure_mode}},
+    }
 
 
 def pod_deletion_cost_patch(live_sessions: int) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pensieve.common.memory import ENGINE_OVERHEAD_BYTES, NODE_RESERVE_FRACTION
 from pensieve.common.quantity import parse_bytes
 
 PREFIX = "PENSIEVE_OPERATOR_"
+LOG_FORMATS = ("plain", "full", "json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,17 @@ class Settings:
     liveness: str = "0.0.0.0:8080"
     # Create a ServiceMonitor only when spec.monitoring.serviceMonitor and the CRD exists.
     service_monitor: bool = True
+    # The operator's own namespace: its pods may reach the engines (pod-deletion-cost scrapes
+    # /metrics) through the engine NetworkPolicy. The chart sets the release namespace.
+    operator_namespace: str = "pensieve-system"
+    # Namespace whose pods (Prometheus) may scrape the engines through the NetworkPolicy,
+    # unless a PensieveDeployment names another; empty = none.
+    monitoring_namespace: str = "monitoring"
+    # The ClusterRole (installed with the operator) each router's RoleBinding refers to; the
+    # operator may bind only this one (RBAC `bind` with resourceNames).
+    router_cluster_role: str = "pensieve-router"
+    # Operator log lines: plain | full | json (kopf's formats; one handler, each line once).
+    log_format: str = "plain"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -61,4 +73,6 @@ class Settings:
             raise ValueError(f"{PREFIX}RESYNC_SECONDS must be > 0")
         if self.deletion_cost_seconds <= 0 or self.deletion_cost_timeout_seconds <= 0:
             raise ValueError(f"{PREFIX}DELETION_COST_SECONDS and _TIMEOUT_SECONDS must be > 0")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"{PREFIX}LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
 

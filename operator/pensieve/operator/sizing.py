@@ -24,6 +24,8 @@ result says so (`fits=False`) and the operator refuses with a condition and an e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Iterable, Mapping
 
 from pensieve.common.memory import cpu_tier_bytes, usable_memory
@@ -49,6 +51,8 @@ class NodeFit:
     gpu_memory_bytes: int | None = None
     gpu_replicas: int = 1
     product: str = ""
+    usable_bytes: int = 0  # allocatable memory less the node reserve
+    gpu_ok: bool = True  # the GPU memory share reaches the minimum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +68,16 @@ class Sizing:
     nodes: tuple[NodeFit, ...] = ()
     explanation: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Stable sizing (see `stable_sizing`): whether the applied size was kept rather than
+    # recomputed, and what a re-size would give now when that differs.
+    kept: bool = False
+    resize: Mapping[str, Any] | None = None
 
     def to_status(self) -> dict[str, Any]:
-        return {
+        extra: dict[str, Any] = {"kept": self.kept}
+        if self.resize is not None:
+            extra["resize"] = dict(self.resize)
+        return extra | {
             "fits": self.fits,
             "reason": self.reason,
             "podMemoryRequest": format_bytes(self.memory_request_bytes),
@@ -149,7 +160,7 @@ def _fit_node(node: Mapping[str, Any], spec: PensieveSpec, s: Settings) -> NodeF
         pods = max(1, usable // s.cpu_only_pod_memory_bytes) if s.cpu_only_pod_memory_bytes else 1
     share = usable // pods if k > 0 else min(usable, s.cpu_only_pod_memory_bytes or usable)
     fit = NodeFit(name, True, "", pods=pods, share_bytes=share, gpu_memory_bytes=gpu_mem,
-                  gpu_replicas=replicas, product=product)
+                  gpu_replicas=replicas, product=product, usable_bytes=usable)
     need = _pod_memory_need(spec, s)
     if need is not None and share < need:
         return dataclasses.replace(fit, fits=False, reason=(
@@ -161,7 +172,7 @@ def _fit_node(node: Mapping[str, Any], spec: PensieveSpec, s: Settings) -> NodeF
     if k > 0 and gpu_mem is not None:
         gpu_share = gpu_mem * spec.cache.gpu_memory_utilization / replicas
         if gpu_share < s.min_gpu_memory_bytes:
-            return dataclasses.replace(fit, fits=False, reason=(
+            return dataclasses.replace(fit, fits=False, gpu_ok=False, reason=(
                 f"GPU memory share {human_bytes(gpu_share)} (gpu.memory {human_bytes(gpu_mem)} × "
                 f"{spec.cache.gpu_memory_utilization} / gpu.replicas {replicas}) < {human_bytes(s.min_gpu_memory_bytes)}"))
     return fit
@@ -243,3 +254,90 @@ def compute_sizing(nodes: Iterable[Mapping[str, Any]], spec: PensieveSpec, setti
     return Sizing(True, "Sized", msg, memory_request_bytes=limit, memory_limit_bytes=limit, cpu_cache_bytes=cache,
                   gpu_memory_utilization=util, capacity_pods=capacity, nodes=tuple(fits),
                   explanation=tuple(explanation), warnings=tuple(warnings))
+
+
+# Stable sizing ----------------------------------------------------------------------------------------
+# Sizing follows the smallest fitting node, so a smaller node joining would shrink every pod and
+# roll every serving engine (losing its CPU tier). The size actually applied is recorded on the
+# engine Deployment and kept until the spec's sizing inputs change or the kept size cannot place
+# the wanted replicas; status.sizing.resize says what a re-size would give meanwhile.
+SIZING_ANNOTATION = "pensieve.ai/sizing"
+
+
+@dataclasses.dataclass(frozen=True)
+class AppliedSize:
+    """The size rendered into the engine Deployment, and the spec inputs it was computed from."""
+    inputs: str
+    memory_bytes: int
+    cpu_cache_bytes: int
+    gpu_memory_utilization: float
+
+    def to_annotation(self) -> str:
+        return json.dumps({"inputs": self.inputs, "memory": self.memory_bytes, "cpuCache": self.cpu_cache_bytes,
+                           "gpuMemoryUtilization": self.gpu_memory_utilization}, sort_keys=True)
+
+    @classmethod
+    def from_deployment(cls, dep: Mapping[str, Any] | None) -> "AppliedSize | None":
+        raw = (((dep or {}).get("metadata") or {}).get("annotations") or {}).get(SIZING_ANNOTATION)
+        if not raw:
+            return None
+        try:
+            d = json.loads(raw)
+            return cls(str(d["inputs"]), int(d["memory"]), int(d["cpuCache"]), float(d["gpuMemoryUtilization"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: size afresh
+
+    @classmethod
+    def of(cls, spec: PensieveSpec, sizing: Sizing) -> "AppliedSize":
+        return cls(sizing_inputs(spec), sizing.memory_limit_bytes, sizing.cpu_cache_bytes, sizing.gpu_memory_utilization)
+
+
+def sizing_inputs(spec: PensieveSpec) -> str:
+    """Digest of the spec fields that sizing depends on (replicas excluded: scaling alone never re-sizes)."""
+    r, c = spec.resources, spec.cache
+    key = [r.gpus_per_pod, r.gpu_product, list(r.node_selector), [sorted(t.items()) for t in r.tolerations],
+           c.gpu_memory_utilization, c.cpu_cache, spec.engine.cache_mode]
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:16]
+
+
+def capacity_at(nodes: Iterable[NodeFit], memory_bytes: int) -> int:
+    """Engine pods of `memory_bytes` the nodes hold (placement, GPU units and GPU memory as computed)."""
+    total = 0
+    for f in nodes:
+        if f.pods and f.gpu_ok and memory_bytes > 0:
+            total += min(f.pods, f.usable_bytes // memory_bytes)
+    return total
+
+
+def _summary(s: Sizing) -> dict[str, Any]:
+    return {"podMemoryLimit": format_bytes(s.memory_limit_bytes), "cpuCache": format_bytes(s.cpu_cache_bytes),
+            "gpuMemoryUtilization": s.gpu_memory_utilization, "capacityPods": s.capacity_pods}
+
+
+def stable_sizing(fresh: Sizing, applied: AppliedSize | None, spec: PensieveSpec) -> Sizing:
+    """The size to render: the applied one while the spec's sizing inputs are unchanged and it places
+    `spec.replicas` pods; otherwise `fresh`. A kept size carries what a re-size would give."""
+    if applied is None or applied.inputs != sizing_inputs(spec):
+        return fresh
+    capacity = capacity_at(fresh.nodes, applied.memory_bytes)
+    if capacity == 0 and spec.replicas > 0 and not fresh.fits:
+        return fresh  # nowhere to run at all: refused with fresh's reason
+    if capacity < spec.replicas and fresh.fits and fresh.capacity_pods > capacity:
+        return dataclasses.replace(fresh, explanation=fresh.explanation + (
+            f"re-sized: the applied size {human_bytes(applied.memory_bytes)} places {capacity} of {spec.replicas} pods",))
+    kept = dataclasses.replace(
+        fresh, fits=True, reason="Sized", kept=True,
+        memory_request_bytes=applied.memory_bytes, memory_limit_bytes=applied.memory_bytes,
+        cpu_cache_bytes=applied.cpu_cache_bytes, gpu_memory_utilization=applied.gpu_memory_utilization,
+        capacity_pods=capacity,
+        message=(f"kept the applied size: pods get {format_bytes(applied.memory_bytes)} memory, CPU cache "
+                 f"{human_bytes(applied.cpu_cache_bytes)}; capacity {capacity} pods"),
+        warnings=(f"{spec.replicas} replicas requested but the fitting nodes hold {capacity} engine pods",)
+        if spec.replicas > capacity else ())
+    kept = dataclasses.replace(kept, explanation=fresh.explanation + (
+        f"kept the applied size {format_bytes(applied.memory_bytes)} (spec unchanged, {capacity} pods placeable): "
+        "healthy serving pods are not re-sized because the cluster changed",))
+    if fresh.fits and (fresh.memory_limit_bytes, fresh.cpu_cache_bytes, fresh.gpu_memory_utilization) != (
+            applied.memory_bytes, applied.cpu_cache_bytes, applied.gpu_memory_utilization):
+        kept = dataclasses.replace(kept, resize=_summary(fresh))
+    return kept

@@ -20,10 +20,13 @@ SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 METRICS = ("pensieve_num_requests_waiting", "pensieve_num_requests_running", "pensieve_gpu_cache_usage_ratio")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 # Engine settings the operator owns (computed or taken from typed fields).
 RESERVED_ENV = {
     "PENSIEVE_MODEL", "PENSIEVE_PORT", "PENSIEVE_HOST", "PENSIEVE_CPU_CACHE_BYTES",
     "PENSIEVE_GPU_MEMORY_UTILIZATION", "PENSIEVE_CACHE_MODE", "PENSIEVE_BLOCK_SIZE", "PENSIEVE_EVICTION",
+    "PENSIEVE_API_KEY",  # spec.auth: from a Secret, never a plain value
 }
 
 
@@ -44,6 +47,16 @@ class ModelSource:
     hf_id: str = ""
     revision: str = "main"
     token_secret: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCacheSpec:
+    """A Hugging Face model downloaded once, by a Job, into a PersistentVolumeClaim that every
+    engine pod mounts read-only (instead of every pod fetching it at every start)."""
+    enabled: bool = False
+    size: str = "50Gi"
+    storage_class: str = ""  # empty: the cluster's default
+    access_mode: str = "ReadWriteMany"  # ReadWriteOnce: every engine pod on the PVC's node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +115,34 @@ class MonitoringSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuthSpec:
+    """API keys (comma-separated in one Secret key), enforced by the router and the engines."""
+    secret_name: str = ""  # empty: no authentication
+    secret_key: str = "api-keys"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret_name)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkPolicySpec:
+    """The engine pods' ingress policy: router pods, the operator and the monitoring namespace only."""
+    enabled: bool = True
+    monitoring_namespace: str = ""  # empty: the operator's PENSIEVE_OPERATOR_MONITORING_NAMESPACE
+
+
+@dataclasses.dataclass(frozen=True)
+class InferencePoolSpec:
+    """An InferencePool over the engine pods, made where the cluster serves its CRD."""
+    enabled: bool = True
+    endpoint_picker: str = ""  # the endpoint picker's Service; empty: <name>-epp
+    endpoint_picker_port: int = 9002
+    failure_mode: str = "FailClose"
+    gateway_namespace: str = ""  # admitted by the NetworkPolicy; empty: this namespace
+
+
+@dataclasses.dataclass(frozen=True)
 class PensieveSpec:
     name: str
     namespace: str
@@ -114,6 +155,10 @@ class PensieveSpec:
     autoscaling: AutoscalingSpec
     router: RouterSpec
     monitoring: MonitoringSpec
+    auth: AuthSpec = AuthSpec()
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()
+    inference_pool: InferencePoolSpec = InferencePoolSpec()
+    model_cache: ModelCacheSpec = ModelCacheSpec()
 
     @property
     def model_dir(self) -> str:
@@ -311,9 +356,69 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
         service_monitor=r.bool(mo, "serviceMonitor", "spec.monitoring", False),
         interval=r.str(mo, "interval", "spec.monitoring", "15s"),
     )
+    auth = _parse_auth(r, spec)
+    network_policy = _parse_network_policy(r, spec)
+    inference_pool = _parse_inference_pool(r, spec)
+    model_cache = _parse_model_cache(r, model, source)
     if errors:
         raise SpecError(errors)
     return PensieveSpec(
         name=name, namespace=namespace, replicas=replicas, served_name=served_name, source=source, engine=engine,
         resources=resources, cache=cache, autoscaling=autoscaling, router=router, monitoring=monitoring,
+        auth=auth, network_policy=network_policy, inference_pool=inference_pool, model_cache=model_cache,
     )
+
+
+def _parse_auth(r: _Reader, spec: Mapping[str, Any]) -> AuthSpec:
+    a = r.obj(spec.get("auth"), "spec.auth")
+    if a.get("apiKeySecret") is None:
+        return AuthSpec()
+    ref = r.obj(a.get("apiKeySecret"), "spec.auth.apiKeySecret")
+    name = r.str(ref, "name", "spec.auth.apiKeySecret", required=True)
+    key = r.str(ref, "key", "spec.auth.apiKeySecret", "api-keys") or "api-keys"
+    if name and not _DNS1123_SUBDOMAIN.match(name):
+        r.errors.append(f"spec.auth.apiKeySecret.name: not a Secret name: {name!r}")
+    if not _SECRET_KEY.match(key):
+        r.errors.append(f"spec.auth.apiKeySecret.key: not a Secret key: {key!r}")
+    return AuthSpec(secret_name=name, secret_key=key)
+
+
+def _parse_network_policy(r: _Reader, spec: Mapping[str, Any]) -> NetworkPolicySpec:
+    n = r.obj(spec.get("networkPolicy"), "spec.networkPolicy")
+    ns = r.str(n, "monitoringNamespace", "spec.networkPolicy")
+    if ns and not _DNS1123.match(ns):
+        r.errors.append(f"spec.networkPolicy.monitoringNamespace: not a namespace name: {ns!r}")
+    return NetworkPolicySpec(enabled=r.bool(n, "enabled", "spec.networkPolicy", True), monitoring_namespace=ns)
+
+
+def _parse_inference_pool(r: _Reader, spec: Mapping[str, Any]) -> InferencePoolSpec:
+    p = "spec.inferencePool"
+    ip = r.obj(spec.get("inferencePool"), p)
+    epp = r.str(ip, "endpointPicker", p)
+    gw = r.str(ip, "gatewayNamespace", p)
+    for field, v in (("endpointPicker", epp), ("gatewayNamespace", gw)):
+        if v and not _DNS1123.match(v):
+            r.errors.append(f"{p}.{field}: not a DNS-1123 name: {v!r}")
+    return InferencePoolSpec(
+        enabled=r.bool(ip, "enabled", p, True), endpoint_picker=epp,
+        endpoint_picker_port=r.int(ip, "endpointPickerPort", p, 9002, lo=1, hi=65535),
+        failure_mode=r.str(ip, "failureMode", p, "FailClose", ("FailClose", "FailOpen")), gateway_namespace=gw)
+
+
+def _parse_model_cache(r: _Reader, model: Mapping[str, Any], source: ModelSource) -> ModelCacheSpec:
+    p = "spec.model.cache"
+    if model.get("cache") is None:
+        return ModelCacheSpec()
+    c = r.obj(model.get("cache"), p)
+    size = r.str(c, "size", p, "50Gi") or "50Gi"
+    try:
+        if parse_bytes(size) <= 0:
+            r.errors.append(f"{p}.size: must be > 0")
+    except ValueError:
+        r.errors.append(f"{p}.size: not a quantity: {size!r}")
+    cache = ModelCacheSpec(enabled=r.bool(c, "enabled", p, True), size=size,
+                           storage_class=r.str(c, "storageClassName", p),
+                           access_mode=r.str(c, "accessMode", p, "ReadWriteMany", ("ReadWriteMany", "ReadWriteOnce")))
+    if cache.enabled and source.kind and source.kind != "huggingFace":
+        r.errors.append(f"{p}: caches a huggingFace source; the {source.kind} source is already local")
+    return cache

@@ -48,6 +48,9 @@ class RouterConfig:
     drain_delay: float = field(default=2.0, metadata={
         "help": "on SIGTERM, seconds /ready reports false before the listening socket closes"})
     model: str = field(default="", metadata={"help": "served model name (informational; requests pass unchanged)"})
+    api_key: str = field(default="", metadata={
+        "help": "accepted bearer tokens, comma-separated (the engines' keys: the header is passed on to them); "
+                "empty: no authentication at the router"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
 
     def endpoint_list(self) -> list[str]:
@@ -55,6 +58,9 @@ class RouterConfig:
 
         port = self.engine_port or None
         return [normalize(a, port) for a in self.static_endpoints.split(",") if a.strip()]
+
+    def api_keys(self) -> list[str]:
+        return [k.strip() for k in self.api_key.split(",") if k.strip()]
 
     def resolved_discovery(self) -> str:
         if self.discovery != "auto":

@@ -19,6 +19,13 @@ Choices where the contract is silent:
   requests refused before they ran. ``count_outcome`` is the one place that
   picks the label.
 - ``pensieve_sessions_active``: sessions the engine knows (cached or not).
+
+vLLM-named aliases (``VLLM_ALIASES``, same values, read at the same scrape) for the
+Gateway API Inference Extension's endpoint picker, which scores model servers by the
+names of its model-server protocol: queue length, running requests and KV-cache
+utilization (a fraction in 0..1, as vLLM reports it despite the ``_perc`` suffix), and
+``vllm:cache_config_info{block_size}`` for its prefix-cache scorer. The ``pensieve_*``
+names stay the contract; the aliases add no state.
 """
 from __future__ import annotations
 
@@ -29,6 +36,22 @@ from .snapshot import CONTEXT_SOURCES, EngineSnapshot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+# alias -> (contract gauge it repeats, help)
+VLLM_ALIASES = {
+    "vllm:num_requests_running": ("pensieve_num_requests_running", "Requests in the running batch (vLLM name)"),
+    "vllm:num_requests_waiting": ("pensieve_num_requests_waiting", "Requests waiting for admission (vLLM name)"),
+    "vllm:num_requests_swapped": ("pensieve_num_requests_swapped", "Requests suspended to the CPU tier (vLLM name)"),
+    "vllm:gpu_cache_usage_perc": ("pensieve_gpu_cache_usage_ratio", "GPU KV-cache usage, 0..1 (vLLM name)"),
+    "vllm:kv_cache_usage_perc": ("pensieve_gpu_cache_usage_ratio", "GPU KV-cache usage, 0..1 (newer vLLM name)"),
+}
+
+
+def vllm_cache_config_labels(cache_labels: dict[str, str]) -> dict[str, str]:
+    """``vllm:cache_config_info`` labels (vLLM's label names) from ours."""
+    return {"block_size": cache_labels.get("block_size", ""), "num_gpu_blocks": cache_labels.get("gpu_blocks", ""),
+            "num_cpu_blocks": cache_labels.get("cpu_blocks", "")}
 
 
 class _EngineCollector:
@@ -43,14 +66,20 @@ class _EngineCollector:
             g.add_metric([], value)
             return g
 
-        yield gauge("pensieve_num_requests_running", "Requests in the running batch", s.num_requests_running)
-        yield gauge("pensieve_num_requests_waiting", "Requests waiting for admission", s.num_requests_waiting)
-        yield gauge("pensieve_num_requests_swapped", "Requests suspended to the CPU tier", s.num_requests_swapped)
-        yield gauge("pensieve_gpu_cache_usage_ratio", "Fraction of GPU KV blocks in use", s.gpu_usage_ratio)
-        yield gauge("pensieve_cpu_cache_usage_ratio", "Fraction of CPU KV blocks in use", s.cpu_usage_ratio)
-        yield gauge("pensieve_gpu_cache_blocks", "GPU KV blocks in use", s.gpu_blocks_used)
-        yield gauge("pensieve_cpu_cache_blocks", "CPU KV blocks in use", s.cpu_blocks_used)
-        yield gauge("pensieve_sessions_active", "Sessions the engine holds", s.sessions_active)
+        gauges = {
+            "pensieve_num_requests_running": ("Requests in the running batch", s.num_requests_running),
+            "pensieve_num_requests_waiting": ("Requests waiting for admission", s.num_requests_waiting),
+            "pensieve_num_requests_swapped": ("Requests suspended to the CPU tier", s.num_requests_swapped),
+            "pensieve_gpu_cache_usage_ratio": ("Fraction of GPU KV blocks in use", s.gpu_usage_ratio),
+            "pensieve_cpu_cache_usage_ratio": ("Fraction of CPU KV blocks in use", s.cpu_usage_ratio),
+            "pensieve_gpu_cache_blocks": ("GPU KV blocks in use", s.gpu_blocks_used),
+            "pensieve_cpu_cache_blocks": ("CPU KV blocks in use", s.cpu_blocks_used),
+            "pensieve_sessions_active": ("Sessions the engine holds", s.sessions_active),
+        }
+        for name, (doc, v) in gauges.items():
+            yield gauge(name, doc, v)
+        for alias, (name, doc) in VLLM_ALIASES.items():
+            yield gauge(alias, doc, gauges[name][1])
 
         c = CounterMetricFamily("pensieve_prompt_tokens", "Prompt tokens of served requests")
         c.add_metric([], s.prompt_tokens)
@@ -87,6 +116,8 @@ class ServerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         info = Info("pensieve_cache_config", "Cache configuration", registry=self.registry)
         info.info(cache_labels)
+        Info("vllm:cache_config", "Cache configuration (vLLM names)",
+             registry=self.registry).info(vllm_cache_config_labels(cache_labels))
         for status in ("stop", "length", "abort"):  # present from the start, at 0
             self.requests.labels(status=status)
 
