@@ -60,7 +60,7 @@ class LLMEngine:
         self.max_model_len = _max_model_len(config, self.model_config)
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = _eos_ids(config.model, self.model_config, self.tokenizer)
-        self.served_model_name = config.served_model_name or config.model.rstrip("/").split("/")[-1]
+        self.served_model_name = config.served_model_name or _default_name(config.model)
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.model_config, self.device, self.dtype)
         num_blocks = config.num_gpu_blocks or self.runner.profile_num_blocks(self.max_model_len)
@@ -367,6 +367,12 @@ def _max_model_len(config: EngineConfig, cfg: dict) -> int:
                                       "max_model_len")
         return config.max_model_len
     return limit
+
+
+def _default_name(model: str) -> str:
+    """The checkpoint folder's name, or a GGUF file's name without its extension."""
+    name = model.rstrip("/").split("/")[-1]
+    return name[:-len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
 def _eos_ids(model_dir: str, cfg: dict, tokenizer) -> set[int]:
