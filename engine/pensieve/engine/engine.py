@@ -319,7 +319,7 @@ class LLMEngine:
     def _output(self, req: Request, token_ids: list[int], text: str, finished: bool) -> RequestOutput:
         return RequestOutput(req.request_id, token_ids, text, finished, req.finish_reason, req.num_prompt_tokens,
                              req.num_cached_tokens, req.num_output_tokens,
-                             req.session.session_id if req.session else None)
+                             req.session.session_id if req.session else None, req.context_sources)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
