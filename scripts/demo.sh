@@ -15,6 +15,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 model_kind=smollm2
+gpu_blocks=8
 case "${1:-}" in
     "") ;;
     --tiny) model_kind=tiny ;;
@@ -38,6 +39,7 @@ if [ "$model_kind" = tiny ]; then
     echo "== building a tiny checkpoint (random weights, trained tokenizer, chat template)"
     "$PENSIEVE_PY" -m pensieve.engine tiny --family llama --out "$work/tiny-llama" 2>/dev/null >/dev/null
     model="$work/tiny-llama"
+    gpu_blocks=24  # its small vocabulary spends more tokens on the same text
 else
     model="$("$PENSIEVE_PY" -c 'from pensieve.engine.gguf_checkpoint import bundled_smollm2 as f; p = f(); print(p or "")')"
     if [ -z "$model" ]; then
@@ -48,10 +50,10 @@ else
 fi
 
 echo "== starting the server on 127.0.0.1:$port (CPU; log: server.log below on failure)"
-# A deliberately small device tier (8 blocks of 32 tokens: two short conversations do not fit
-# together) and a 256 MiB CPU tier, so the demo shows context coming back from the CPU tier.
+# A deliberately small device tier (8 blocks of 32 tokens for SmolLM2: two short conversations
+# do not fit together) and a 256 MiB CPU tier, so the demo shows context coming back from the CPU tier.
 "$PENSIEVE_PY" -m pensieve.engine serve --model "$model" --served-model-name "$model_kind" --device cpu \
-    --num-gpu-blocks 8 --cpu-cache-bytes 256Mi --host 127.0.0.1 --port "$port" \
+    --num-gpu-blocks "$gpu_blocks" --cpu-cache-bytes 256Mi --host 127.0.0.1 --port "$port" \
     --api-key demo-key >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 600); do
@@ -61,12 +63,12 @@ for _ in $(seq 1 600); do
 done
 
 echo "== a conversation of 4 turns in one session (X-Session-ID: demo-chat, session_mode append: the server keeps the history)"
-"$PENSIEVE_PY" - "$port" "$model_kind" <<'PY'
+"$PENSIEVE_PY" - "$port" "$model_kind" "$gpu_blocks" <<'PY'
 import sys, textwrap, time, urllib.request
 
 import openai
 
-port, kind = sys.argv[1], sys.argv[2]
+port, kind, gpu_blocks = sys.argv[1], sys.argv[2], sys.argv[3]
 client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo-key", max_retries=0, timeout=600)
 model = client.models.list().data[0].id
 # Later turns refer back to earlier ones ("that city", "it"): only the session's context says what they mean.
@@ -81,13 +83,13 @@ OTHER = ("Please summarize this note in one sentence. The team met on Monday to 
 
 
 def other_user():
-    """Another session arrives while demo-chat is idle; with 8 device blocks, demo-chat's context
-    moves to the CPU tier to make room (and comes back for turn 4)."""
+    """Another session arrives while demo-chat is idle; with SmolLM2 and 8 device blocks, demo-chat's
+    leading chunks move to the CPU tier to make room (and come back for turn 4)."""
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": OTHER}], max_tokens=48,
                                        temperature=0, extra_headers={"X-Session-ID": "other-user"})
     print(f"\n    (meanwhile session other-user sends {r.usage.prompt_tokens} prompt tokens and gets "
-          f"{r.usage.completion_tokens}; the device tier holds 8 blocks of 32 tokens, so demo-chat's idle "
-          "context moves to the CPU tier)")
+          f"{r.usage.completion_tokens}; the device tier holds {gpu_blocks} blocks of 32 tokens, so the idle "
+          "demo-chat may have to make room: turn 4 shows where its context was found)")
 
 
 rows = []
