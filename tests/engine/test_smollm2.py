@@ -123,7 +123,7 @@ CONVERSATIONS = {
 }
 
 
-def _chat(engine: LLMEngine, max_tokens: int = 16) -> dict[str, list[str]]:
+def _chat(engine: LLMEngine, max_tokens: int = 12) -> dict[str, list[str]]:
     """Turn k of every conversation is in flight at once; each turn sends the whole history."""
     history = {sid: [] for sid in CONVERSATIONS}
     replies = {sid: [] for sid in CONVERSATIONS}
@@ -153,10 +153,10 @@ def test_cache_modes_give_identical_replies_under_tier_pressure(gguf_path):
     src = pressured.cache.stats.context_tokens
     assert src["gpu"] > 0 and src["cpu"] > 0 and src["recomputed"] > 0, src
     assert pressured.cache.stats.swap_out_blocks > 0 and pressured.cache.stats.swap_in_blocks > 0
-    gpu_only = _engine(gguf_path, cache_mode="gpu-only", num_gpu_blocks=12, num_cpu_blocks=0,
+    gpu_only = _engine(gguf_path, cache_mode="gpu-only", num_gpu_blocks=16, num_cpu_blocks=0,
                        max_num_batched_tokens=64)
     assert _chat(gpu_only) == replies
-    assert gpu_only.cache.stats.context_tokens["gpu"] > 0
+    assert gpu_only.cache.stats.context_tokens["gpu"] > 0 and gpu_only.cache.stats.evicted_tokens["gpu"] > 0
     stateless = _engine(gguf_path, cache_mode="none", num_gpu_blocks=64, num_cpu_blocks=0)
     assert _chat(stateless) == replies
     assert "Paris" in replies["geo"][0]
