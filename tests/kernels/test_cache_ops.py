@@ -29,7 +29,7 @@ def _eq(a, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("block_size,heads,dim", [(16, 2, 32), (32, 1, 40), (64, 4, 16)])
+@pytest.mark.parametrize("block_size,heads,dim", [(16, 2, 32), (32, 1, 40), (64, 4, 16), (32, 3, 64)])
 def test_write_kv(device, dtype, block_size, heads, dim):
     g = torch.Generator().manual_seed(block_size + heads)
     nb, t = 9, 23

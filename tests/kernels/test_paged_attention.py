@@ -255,3 +255,45 @@ def test_small_segments_split_kv_fp32_gqa1(device):
     case = build_case(segs, 2, 2, 32, 32, torch.float32, device, seed=13)
     out = run(*case, 0.2, num_splits=5)
     check(out, *case, 0.2)
+
+
+# SmolLM2-135M's attention (issue 13): 9 query heads over 3 KV heads, a GQA group of 3 (not a
+# power of two: the kernel pads the group to 4 rows per KV head and masks the fourth), head dim 64.
+SMOLLM2_HEADS, SMOLLM2_DIM = (9, 3), 64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_gqa_group3_head_dim64_ragged_mix(device, dtype, block_size):
+    hq, hkv = SMOLLM2_HEADS
+    segs = ragged_mix(device, hq // hkv, block_size)
+    case = build_case(segs, hq, hkv, SMOLLM2_DIM, block_size, dtype, device, seed=block_size + 93)
+    out = run(*case, SMOLLM2_DIM**-0.5)
+    check(out, *case, SMOLLM2_DIM**-0.5)
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_gqa_group3_head_dim64_split_kv_decode(device, splits):
+    hq, hkv = SMOLLM2_HEADS
+    segs = [(i, 1, 29 * i + 40) for i in range(4)]
+    case = build_case(segs, hq, hkv, SMOLLM2_DIM, 32, torch.bfloat16, device, seed=31)
+    out = run(*case, SMOLLM2_DIM**-0.5, num_splits=splits)
+    check(out, *case, SMOLLM2_DIM**-0.5)
+
+
+@pytest.mark.gpu
+def test_smollm2_shapes_gpu():
+    """The real model's heads at long contexts on the GPU: a mixed batch, then split-KV decodes."""
+    dev = torch.device("cuda")
+    hq, hkv = SMOLLM2_HEADS
+    segs = [(0, 300, 0), (1, 200, 1000), (2, 1, 2047), (3, 1, 8000), (4, 129, 31), (5, 40, 0), (5, 17, 500)]
+    segs += [(6 + i, 1, 100 * i + 7) for i in range(20)]
+    for dtype in (torch.bfloat16, torch.float16):
+        case = build_case(segs, hq, hkv, SMOLLM2_DIM, 32, dtype, dev, seed=5)
+        out = run(*case, SMOLLM2_DIM**-0.5)
+        check(out, *case, SMOLLM2_DIM**-0.5)
+    dec = [(i, 1, 4000 + 37 * i) for i in range(4)]
+    case = build_case(dec, hq, hkv, SMOLLM2_DIM, 32, torch.bfloat16, dev, seed=6)
+    for splits in (None, 1, 4, 16):
+        out = run(*case, SMOLLM2_DIM**-0.5, num_splits=splits)
+        check(out, *case, SMOLLM2_DIM**-0.5)

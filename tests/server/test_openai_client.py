@@ -59,6 +59,10 @@ def test_multi_turn_session_reports_cached_tokens(client, mode):
         history += new + [{"role": "assistant", "content": resp.choices[0].message.content}]
         cached.append(resp.usage.prompt_tokens_details.cached_tokens)
         assert resp.usage.prompt_tokens > cached[-1]
+        # the tier breakdown (a Pensieve extension): cached = gpu + cpu; all sources sum to the prompt
+        src = resp.usage.prompt_tokens_details.model_extra["context_sources"]
+        assert set(src) == {"gpu", "cpu", "recomputed", "new"}
+        assert src["gpu"] + src["cpu"] == cached[-1] and sum(src.values()) == resp.usage.prompt_tokens
     assert cached[0] == 0
     assert all(c > 0 for c in cached[1:]), cached
     assert cached[2] > cached[1]  # the conversation grows, so does what comes from cache

@@ -207,6 +207,7 @@ class CacheManager:
         req.recompute_pos, req.recompute_end = 0, recompute
         if count_context:
             req.num_cached_tokens = source["gpu"] + source["cpu"]
+            req.context_sources = {**source, "new": len(req.token_ids) - match}
             for k, v in source.items():
                 self.stats.context_tokens[k] += v
             self.stats.context_tokens["new"] += len(req.token_ids) - match

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .gguf_checkpoint import GGUFFile, converted_dir, find_gguf, iter_gguf_tensors
 from .models import MODEL_REGISTRY
 
 log = logging.getLogger("pensieve.engine")
@@ -29,8 +30,9 @@ _REQUIRED_KEYS = {
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:
-    """Read and check config.json; returns the raw dict with ``architecture`` added."""
-    folder = Path(model_dir)
+    """Read and check config.json; returns the raw dict with ``architecture`` added.
+    For a GGUF checkpoint, the config converted from its metadata (cached)."""
+    folder = metadata_dir(model_dir)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     path = folder / "config.json"
@@ -51,6 +53,13 @@ def read_config(model_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: missing required keys {missing}")
     cfg["architecture"] = arch
     return cfg
+
+
+def metadata_dir(model: str | os.PathLike) -> Path:
+    """The folder holding config.json and the tokenizer files: ``model`` itself, or for a
+    GGUF file (or a folder holding one) the folder converted from its metadata."""
+    gguf = find_gguf(model)
+    return converted_dir(gguf) if gguf is not None else Path(model)
 
 
 def checkpoint_dtype(cfg: dict) -> torch.dtype | None:
@@ -84,11 +93,25 @@ def load_model(model_dir: str, cfg: dict, device: torch.device, dtype: torch.dty
         log.info("dummy weights for %s (%.1fM parameters) in %.1fs", cfg["architecture"],
                  sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - start)
         return model
-    files = safetensors_files(model_dir)
     expected = model.checkpoint_names()
-    loaded: set[str] = set()
+    gguf = find_gguf(model_dir)
+    if gguf is not None:
+        loaded, files = _load_gguf(model, gguf, cfg, device, dtype), [gguf]
+    else:
+        files = safetensors_files(model_dir)
+        loaded = _load_safetensors(model, files, len(expected), device, dtype)
+    missing = sorted(expected - loaded)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{model_dir}: checkpoint lacks tensors {missing[:5]}{more}")
+    log.info("loaded %d tensors from %d file(s) in %.1fs", len(loaded), len(files), time.perf_counter() - start)
+    return model
+
+
+def _load_safetensors(model, files: list[Path], num_expected: int, device, dtype) -> set[str]:
     from safetensors import safe_open
 
+    loaded: set[str] = set()
     for i, file in enumerate(files, 1):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -101,13 +124,24 @@ def load_model(model_dir: str, cfg: dict, device: torch.device, dtype: torch.dty
             raise CheckpointError(f"{file}: {e}") from None
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise CheckpointError(f"{file}: cannot read safetensors ({type(e).__name__}: {e})") from None
-        _progress(f"loading weights: {i}/{len(files)} files, {len(loaded)}/{len(expected)} tensors", i == len(files))
-    missing = sorted(expected - loaded)
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{model_dir}: checkpoint lacks tensors {missing[:5]}{more}")
-    log.info("loaded %d tensors from %d file(s) in %.1fs", len(loaded), len(files), time.perf_counter() - start)
-    return model
+        _progress(f"loading weights: {i}/{len(files)} files, {len(loaded)}/{num_expected} tensors", i == len(files))
+    return loaded
+
+
+def _load_gguf(model, path: Path, cfg: dict, device, dtype) -> set[str]:
+    """Dequantize each GGUF tensor to ``dtype`` on ``device`` and copy it into place."""
+    f = GGUFFile.open(path)
+    loaded: set[str] = set()
+    total = len(f.reader.tensors)
+    for i, (name, tensor) in enumerate(iter_gguf_tensors(f, cfg), 1):
+        try:
+            if model.load_weight(name, tensor.to(device=device, dtype=dtype)):
+                loaded.add(name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        if i % 16 == 0 or i == total:
+            _progress(f"dequantizing weights: {i}/{total} tensors", i == total)
+    return loaded
 
 
 def _canonical(name: str) -> str:
@@ -155,7 +189,7 @@ def _progress(text: str, done: bool) -> None:
 
 def load_tokenizer(model_dir: str):
     """The checkpoint's tokenizer (transformers' fast tokenizer), with a clear error if absent."""
-    folder = Path(model_dir)
+    folder = metadata_dir(model_dir)
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise CheckpointError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     from transformers import AutoTokenizer

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pensieve.engine {generate,serve,tiny} ...``.
+"""Command line: ``python -m pensieve.engine {generate,serve,chat,tiny} ...``.
 
 Flags come from the config dataclasses (one flag per field, each also read
 from ``PENSIEVE_<FLAG>``)."""
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import EngineConfig, add_dataclass_args, dataclass_from_args
@@ -37,6 +38,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"[{out.num_prompt_tokens} prompt tokens, {out.num_output_tokens} generated, "
                       f"finish: {out.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import HTTPChat, LocalChat, new_session_id, repl
+
+    sid = args.session_id or new_session_id()
+    if args.url:
+        if args.model:
+            print("error: give --url (a running server) or --model (in-process), not both", file=sys.stderr)
+            return 2
+        chat = HTTPChat(args.url, args.api_key, sid, args.system, args.max_tokens, args.temperature)
+    else:
+        from .engine import LLMEngine
+
+        config = dataclass_from_args(EngineConfig, args)
+        if not config.model:
+            print("error: give --url URL (a running server) or --model PATH (a checkpoint)", file=sys.stderr)
+            return 2
+        print(f"loading {config.model} ...", file=sys.stderr)
+        logging.getLogger().setLevel(logging.WARNING)  # keep the conversation readable
+        chat = LocalChat(LLMEngine(config), sid, args.system, args.max_tokens, args.temperature)
+    return repl(chat)
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -72,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(serve, EngineConfig)
     add_dataclass_args(serve, ServerConfig)
     serve.set_defaults(func=cmd_serve)
+
+    chat = sub.add_parser("chat", help="interactive terminal chat: one session, streamed replies, where each "
+                                       "turn's context came from")
+    chat.add_argument("--url", help="a running server (http://host:port); without it, --model runs in-process")
+    chat.add_argument("--api-key", dest="api_key", default=os.environ.get("PENSIEVE_CHAT_API_KEY"),
+                      help="bearer key for --url [env PENSIEVE_CHAT_API_KEY]")
+    chat.add_argument("--session-id", help="session to use (default: a new random one)")
+    chat.add_argument("--system", help="system message of the conversation")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    add_dataclass_args(chat, EngineConfig)
+    chat.set_defaults(func=cmd_chat)
 
     tiny = sub.add_parser("tiny", help="write a tiny random checkpoint (tests, demo)")
     tiny.add_argument("--family", choices=("llama", "qwen2", "mistral", "opt"), default="llama")

@@ -32,7 +32,8 @@ def opt(default, help: str, choices: tuple | None = None, **kw):
 
 @dataclass
 class EngineConfig:
-    model: str = opt("", "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)")
+    model: str = opt("", "Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files), or a GGUF file "
+                         "(or a folder holding one)")
     served_model_name: str | None = opt(None, "name clients use in the 'model' field (default: the folder's name)")
     load_format: str = opt("auto", "'dummy' builds random weights of the checkpoint's shape without reading them", ("auto", "dummy"))
     dtype: str = opt("auto", "weights and activations dtype; auto: float32 on CPU, the checkpoint's half type on CUDA",

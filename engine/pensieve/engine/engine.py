@@ -105,7 +105,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model)
         self.prompts = PromptEncoder(self.tokenizer, self.max_model_len)
         self.eos_token_ids = _eos_ids(config.model, self.model_config, self.tokenizer)
-        self.served_model_name = config.served_model_name or config.model.rstrip("/").split("/")[-1]
+        self.served_model_name = config.served_model_name or _default_name(config.model)
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.model_config, self.device, self.dtype, self.max_model_len)
         num_blocks = config.num_gpu_blocks or self.runner.profile_num_blocks(self.max_model_len)
@@ -404,7 +404,7 @@ class LLMEngine:
     def _output(self, req: Request, token_ids: list[int], text: str, finished: bool) -> RequestOutput:
         return RequestOutput(req.request_id, token_ids, text, finished, req.finish_reason, req.num_prompt_tokens,
                              req.num_cached_tokens, req.num_output_tokens,
-                             req.session.session_id if req.session else None)
+                             req.session.session_id if req.session else None, req.context_sources)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
@@ -452,6 +452,12 @@ def _max_model_len(config: EngineConfig, cfg: dict) -> int:
                                       "max_model_len")
         return config.max_model_len
     return limit
+
+
+def _default_name(model: str) -> str:
+    """The checkpoint folder's name, or a GGUF file's name without its extension."""
+    name = model.rstrip("/").split("/")[-1]
+    return name[:-len(".gguf")] if name.lower().endswith(".gguf") else name
 
 
 def _eos_ids(model_dir: str, cfg: dict, tokenizer) -> set[int]:

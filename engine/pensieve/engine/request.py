@@ -85,6 +85,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the session's cache at admission (GPU or CPU)
+    # Where the prompt's KV came from at admission: gpu, cpu (cached), recomputed, new (sums to the prompt).
+    context_sources: dict[str, int] = field(default_factory=dict)
     # Dropped leading tokens being recomputed as a second query segment: positions
     # [recompute_pos, recompute_end) still lack their KV; [recompute_end, num_computed_tokens) have it.
     recompute_pos: int = 0
@@ -136,3 +138,4 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int
     session_id: str | None = None
+    context_sources: dict[str, int] = field(default_factory=dict)  # see Request.context_sources

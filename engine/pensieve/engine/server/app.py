@@ -399,6 +399,7 @@ class _Gen:
         self.finish_reason: str | None = None
         self.num_prompt = 0
         self.cached = 0
+        self.sources: dict[str, int] = {}
         self.num_output = 0
         self.created = int(time.time())
         self.model = server.engine.served_model_name
@@ -432,6 +433,7 @@ class _Gen:
             self.t_last = now
         self.text.append(out.new_text)
         self.num_prompt, self.cached, self.num_output = out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens
+        self.sources = out.context_sources
         if out.finished:
             self.finished = True
             self.finish_reason = out.finish_reason
@@ -449,7 +451,8 @@ class _Gen:
     def usage(self) -> dict:
         return {"prompt_tokens": self.num_prompt, "completion_tokens": self.num_output,
                 "total_tokens": self.num_prompt + self.num_output,
-                "prompt_tokens_details": {"cached_tokens": self.cached}}
+                "prompt_tokens_details": {"cached_tokens": self.cached,
+                                          "context_sources": dict(self.sources or {})}}
 
     async def collect(self, queue: asyncio.Queue) -> web.Response:
         while not self.finished:
