@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from pensieve.kernels import decode_graph_plan
 
 from .models import AttentionMetadata
+from .pinned import PinnedPair
 from .step_inputs import StepInputs, packed_size, resolve_placeholders, split_views
 
 log = logging.getLogger("pensieve.engine")
@@ -30,7 +30,7 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192,
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_batch: int, width: int):
+    def __init__(self, runner, max_batch: int, width: int, staging: PinnedPair):
         self.runner = runner
         sizes = [b for b in GRAPH_BATCH_SIZES if b < max_batch] + [min(max_batch, GRAPH_BATCH_SIZES[-1])]
         self.sizes = sorted(set(sizes))
@@ -39,10 +39,7 @@ class DecodeGraphs:
         n = packed_size(self.max_batch, self.max_batch, width)
         dev = runner.device
         self.buf = torch.zeros(n, dtype=torch.int32, device=dev)
-        # Two pinned staging buffers, alternating: a step's host writes never touch
-        # memory that the previous step's copy may still be reading.
-        self.staging = [torch.zeros(n, dtype=torch.int32).pin_memory() for _ in range(2)]
-        self.turn = 0
+        self.staging = staging  # the runner's pinned host buffers for step inputs
         # batch -> (graph, its logits output, its attention metadata). The metadata holds
         # the launch plan's device tensors, which the graph reads at every replay:
         # they must live as long as the graph.
@@ -118,21 +115,11 @@ class DecodeGraphs:
         Returns float32 logits of every row (padding rows included)."""
         graph, logits, _ = self.graphs[inputs.num_tokens]
         n = inputs.packed.size
-        host = self.staging[self.turn]
-        self.turn ^= 1
-        host[:n].numpy()[:] = inputs.packed
-        self.buf[:n].copy_(host[:n], non_blocking=True)
+        host = self.staging.next(n)
+        host.numpy()[:] = inputs.packed
+        self.buf[:n].copy_(host, non_blocking=True)
         if inputs.has_placeholders:
             resolve_placeholders(self.buf[:inputs.num_tokens], prev_tokens)
         graph.replay()
         return logits
 
-
-def staged_copy(array: np.ndarray, staging: list[torch.Tensor], turn: int, device: torch.device) -> torch.Tensor:
-    """``array`` on the device through a pinned staging buffer (grown as needed); one copy."""
-    n = array.size
-    if staging[turn].numel() < n:
-        staging[turn] = torch.empty(max(n, 2 * staging[turn].numel()), dtype=torch.int32).pin_memory()
-    host = staging[turn][:n]
-    host.numpy()[:] = array
-    return host.to(device, non_blocking=True)

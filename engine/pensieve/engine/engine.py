@@ -29,6 +29,7 @@ from .config import EngineConfig
 from .cost_model import CostModel, load_or_profile, profile_cache_path
 from .detokenizer import IncrementalDetokenizer
 from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError, UnknownSessionError
+from .pinned import PinnedPair
 from .prompt import PromptEncoder
 from .request import Request, RequestOutput, RequestStatus, Session
 from .runner import ModelRunner
@@ -70,10 +71,10 @@ class InFlight:
     event: object | None                 # CUDA event recorded after the copy (None on CPU)
 
 
-def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, object | None]:
+def _to_host(tokens: torch.Tensor, pinned: PinnedPair) -> tuple[torch.Tensor, object | None]:
     if tokens.device.type != "cuda":
         return tokens, None
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host = pinned.next(tokens.numel())
     host.copy_(tokens, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
@@ -123,6 +124,8 @@ class LLMEngine:
         self.last_step: StepInfo | None = None
         self.inflight: InFlight | None = None
         self._seeds = random.Random(config.seed)  # sampler seeds of requests that give none
+        # sampled ids come back through pinned memory (a step samples at most one token per request)
+        self._token_host = PinnedPair(config.max_num_seqs, torch.int64, pin=self.device.type == "cuda")
         self.async_scheduling = config.async_scheduling == "on" or (
             config.async_scheduling == "auto" and self.device.type == "cuda")
         self._ids = itertools.count()
@@ -340,7 +343,7 @@ class LLMEngine:
             req.token_ids.append(-1 - j)
             req.num_pending += 1
             rows.append((req, len(req.token_ids) - 1))
-        return InFlight(StepInfo.of(sched), rows, tokens, *_to_host(tokens))
+        return InFlight(StepInfo.of(sched), rows, tokens, *_to_host(tokens, self._token_host))
 
     def _collect(self, step: InFlight) -> list[RequestOutput]:
         """Wait for a launched step's tokens; fill in the placeholders; emit outputs."""

@@ -12,10 +12,11 @@ from pensieve.kernels import paged_attention, prepare_paged_attention, resolve_i
 from .cache_manager import SwapPlan
 from .checkpoint import load_model
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs, staged_copy
+from .cuda_graphs import DecodeGraphs
+from .pinned import PinnedPair
 from .models import AttentionMetadata
 from .scheduler import SchedulerOutput
-from .step_inputs import StepInputs, build_step_inputs, resolve_placeholders
+from .step_inputs import StepInputs, build_step_inputs, packed_size, resolve_placeholders
 from .swapper import HostBuffer, Swapper
 
 log = logging.getLogger("pensieve.engine")
@@ -42,12 +43,14 @@ class ModelRunner:
             raise InvalidRequestError(str(e), "attention_impl") from None
         self.uses_triton = self.attention_impl == "triton"
         self.swapper: Swapper | None = None
+        width = -(-max_model_len // self.block_size)
+        # Step inputs go through pinned memory sized for the largest step (a request may
+        # contribute two segments: a recompute and its new tokens).
+        largest = packed_size(config.max_num_batched_tokens, 2 * config.max_num_seqs, width)
+        self.staging = PinnedPair(largest, torch.int32, pin=device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and config.cuda_graphs:
-            width = -(-max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(self, min(config.max_num_seqs, 256), width)
-        self.staging = [torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)]
-        self.turn = 0
+            self.graphs = DecodeGraphs(self, min(config.max_num_seqs, 256), width, self.staging)
 
     @property
     def bytes_per_block(self) -> int:
@@ -207,8 +210,9 @@ class ModelRunner:
         """Pack the step on the host and copy it to the device in one transfer."""
         inputs = build_step_inputs(out, self.block_size)
         if self.device.type == "cuda":
-            buf = staged_copy(inputs.packed, self.staging, self.turn, self.device)
-            self.turn ^= 1
+            host = self.staging.next(inputs.packed.size)
+            host.numpy()[:] = inputs.packed
+            buf = host.to(self.device, non_blocking=True)
         else:
             buf = torch.from_numpy(inputs.packed)
         v = inputs.device_views(buf)
