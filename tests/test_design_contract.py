@@ -51,7 +51,7 @@ def doc_metrics(title: str) -> dict[str, set[str]]:
     rows = {}
     for line in section(title).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.lstrip().startswith("|") and cells and cells[0].startswith("`pensieve_"):
+        if line.lstrip().startswith("|") and cells and cells[0].startswith(("`pensieve_", "`vllm:")):
             rows[cells[0].strip("`")] = set(re.findall(r"`([^`]+)`", cells[2])) if len(cells) > 2 else set()
     return rows
 
