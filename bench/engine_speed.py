@@ -245,14 +245,42 @@ def merge(paths: list[str], smoke: bool = False) -> dict:
     return result
 
 
+def table(result: dict) -> str:
+    """The figures as a Markdown table (the results README quotes it)."""
+    c = result["ceilings"]
+    lines = [f"Ceilings in the same run: copy {c['copy_TBps']:.2f} TB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s; "
+             f"start-up {result['startup_seconds']:.1f} s.", "",
+             "| batch | seconds | roofline s | ratio | decode step ms (median / max) | decode vs floor | "
+             "prefill step ms (median / max) | prefill % of matmul | steps > 2x median |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["runs"]:
+        d, p = r["decode_step_ms"], r["prefill_step_ms"]
+        pct = r["prefill_4096_pct_matmul"]
+        lines.append(f"| {r['requests']} x ({r['prompt_len']} + {r['output_len']}) | {r['seconds']:.2f} | "
+                     f"{r['roofline_seconds']:.2f} | {r['ratio']:.2f} | {d['median']:.2f} / {d['max']:.2f} | "
+                     f"{r['full_decode_step_over_floor']:.2f} | {p['median']:.1f} / {p['max']:.1f} | "
+                     f"{'' if pct is None else f'{pct:.0f}%'} | {r['steps_over_2x_median']} |")
+    for r in result["runs"]:
+        if "transformers_cb_seconds" in r:
+            lines.append(f"\ntransformers {r['transformers_cb_seconds']:.1f} s on {r['requests']} x "
+                         f"({r['prompt_len']} + {r['output_len']}): Pensieve {r['speedup_vs_transformers_cb']:.1f}x faster.")
+    if "http_vs_inprocess" in result:
+        lines.append(f"\nHTTP (256 streaming clients): {result['http_output_tokens_per_s']:.0f} output tokens/s, "
+                     f"{100 * result['http_vs_inprocess']:.1f}% of in-process.")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = harness.parser(__doc__, out_required=True)
-    ap.add_argument("part", choices=["engine", "hf", "http", "merge"])
+    ap.add_argument("part", choices=["engine", "hf", "http", "merge", "table"])
     ap.add_argument("inputs", nargs="*", help="merge: the parts' JSON files")
     ap.add_argument("--smoke", action="store_true", help="tiny batches on the CPU (checks the plumbing, no figures)")
     args = ap.parse_args()
     if args.part == "merge":
         Path(args.out).write_text(json.dumps(merge(args.inputs, args.smoke), indent=2))
+        return 0
+    if args.part == "table":
+        Path(args.out).write_text(table(json.loads(Path(args.inputs[0]).read_text())) + "\n")
         return 0
     result = {"engine": part_engine, "hf": part_hf, "http": part_http}[args.part](args)
     harness.write_result(result, args.out, echo=False)

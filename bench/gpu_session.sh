@@ -31,7 +31,8 @@ step speed_engine "${SE_LIMIT:-240}" python3 bench/engine_speed.py engine --out 
 step speed_hf "${SH_LIMIT:-150}" python3 bench/engine_speed.py hf --out "$OUT/speed_hf.json"
 step speed_http "${SP_LIMIT:-150}" python3 bench/engine_speed.py http --out "$OUT/speed_http.json"
 [ -f "$OUT/speed_engine.json" ] && python3 bench/engine_speed.py merge "$OUT"/speed_engine.json "$OUT"/speed_hf.json \
-    "$OUT"/speed_http.json --out "$OUT/engine_speed.json" && rm -f "$OUT"/speed_*.json
+    "$OUT"/speed_http.json --out "$OUT/engine_speed.json" && rm -f "$OUT"/speed_*.json \
+    && python3 bench/engine_speed.py table "$OUT/engine_speed.json" --out "$OUT/engine_speed.md" && cat "$OUT/engine_speed.md"
 step kernels_bench "${KB_LIMIT:-120}" python3 bench/kernels.py --out "$OUT/kernels_h100.json"
 step engine_throughput "${TP_LIMIT:-60}" python3 bench/engine_throughput.py --shape llama3-8b --requests 256 \
     --prompt-len 512 --output-len 128 --out "$OUT/engine_throughput.json"
