@@ -119,3 +119,34 @@ def test_swap_round_trip_is_bit_exact_under_concurrent_compute(make_engine, swap
     for (k, v), (k0, v0) in zip(runner.kv_caches, before):
         assert torch.equal(k[dst].view(torch.int16), k0.view(torch.int16))
         assert torch.equal(v[dst].view(torch.int16), v0.view(torch.int16))
+
+
+def test_bf16_smollm2_shape(tmp_path):
+    """SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 KV heads: a GQA group of 3, head
+    dim 64, tied embeddings) with random weights: bf16 logits against transformers' float32 on the
+    same weights, and a ragged batch equal to each request alone (decode graphs included)."""
+    from pensieve.engine import EngineConfig, LLMEngine
+    from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
+    from pensieve.engine.tiny import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "smollm2-shape", "llama", hidden_size=576, num_attention_heads=9,
+                                num_key_value_heads=3, head_dim=64, intermediate_size=1536, num_hidden_layers=30,
+                                tie_word_embeddings=True, dtype="bfloat16")
+    engine = LLMEngine(EngineConfig(model=str(ckpt), device="cuda", dtype="bfloat16", num_gpu_blocks=256,
+                                    num_cpu_blocks=16, block_size=16, max_num_seqs=16))
+    prompt = list(range(5, 90))
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=1))
+    req = engine.requests[rid]
+    assert engine.cache.grow(req, len(prompt))
+    ours = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(prompt))]), all_logits=True)
+    engine.abort(rid)
+    ref = _hf(str(ckpt))
+    with torch.no_grad():
+        want = ref(torch.tensor([prompt], device="cuda")).logits[0].float()
+    assert float((ours - want).norm() / want.norm()) < 3e-2
+    prompts = [list(range(7, 7 + n)) for n in (1, 9, 40, 77)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    solo = [engine.generate([p], params)[0] for p in prompts]
+    assert engine.generate(prompts, params) == solo
+    for sid in list(engine.cache.sessions):
+        engine.delete_session(sid)
