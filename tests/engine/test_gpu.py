@@ -124,7 +124,7 @@ def test_swap_round_trip_is_bit_exact_under_concurrent_compute(make_engine, swap
 def test_bf16_smollm2_shape(tmp_path):
     """SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 KV heads: a GQA group of 3, head
     dim 64, tied embeddings) with random weights: bf16 logits against transformers' float32 on the
-    same weights, and a ragged batch equal to each request alone (decode graphs included)."""
+    same weights, and greedy decoding (decode graphs) equal to transformers' until a near-tie."""
     from pensieve.engine import EngineConfig, LLMEngine
     from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
     from pensieve.engine.tiny import make_tiny_checkpoint
@@ -144,9 +144,13 @@ def test_bf16_smollm2_shape(tmp_path):
     with torch.no_grad():
         want = ref(torch.tensor([prompt], device="cuda")).logits[0].float()
     assert float((ours - want).norm() / want.norm()) < 3e-2
-    prompts = [list(range(7, 7 + n)) for n in (1, 9, 40, 77)]
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    solo = [engine.generate([p], params)[0] for p in prompts]
-    assert engine.generate(prompts, params) == solo
-    for sid in list(engine.cache.sessions):
-        engine.delete_session(sid)
+    tokens = engine.generate([prompt, prompt[:40]], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for i, tok in enumerate(tokens):
+            logits = ref(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+            if tok != int(logits.argmax()):
+                top2 = torch.topk(logits, 2).values
+                assert float(top2[0] - top2[1]) < NEAR_TIE, f"token {i} differs without a near-tie"
+                break
+            ids.append(tok)
