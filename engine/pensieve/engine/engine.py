@@ -20,21 +20,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache_manager import CacheManager
+from .cache_manager import CacheManager, common_prefix_len
 from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
 from .config import EngineConfig, parse_bytes
 from .cost_model import CostModel, load_or_profile, profile_cache_path
 from .detokenizer import IncrementalDetokenizer
-from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError, UnknownSessionError
-from .request import Request, RequestOutput, RequestStatus, Session
+from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError
+from .request import Request, RequestOutput, RequestStatus, Session, SessionKey
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger("pensieve.engine")
-
-ANY_OWNER = object()  # get_session/delete_session without an ownership check (in-process callers)
-
 
 @dataclass
 class EngineStats:
@@ -101,9 +98,14 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, session_id: str | None = None,
-                    owner: str | None = None) -> str:
+                    owner: str | None = None, history: list[int] | None = None) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError (and
-        subclasses) for bad input, leaving the engine untouched."""
+        subclasses) for bad input, leaving the engine untouched.
+
+        The session is ``(owner, session_id)``: another owner's session of the same id is
+        a different session. ``history`` is the conversation's token history as the
+        caller's session store last recorded it; the prompt's prefix that matches it and
+        that this engine's cache does not hold is counted (and reported) as recomputed."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
@@ -124,10 +126,7 @@ class LLMEngine:
         if session_id is not None:
             if not isinstance(session_id, str) or not session_id:
                 raise InvalidRequestError("session_id must be a non-empty string", "session_id")
-            session = self.cache.sessions.get(session_id)
-            if session is not None and session.owner != owner:
-                raise InvalidRequestError(f"session {session_id!r} belongs to another API key", "session_id",
-                                          code="session_forbidden")
+            session = self.cache.sessions.get(SessionKey(owner, session_id))
             if session is not None and session.active_request is not None:
                 raise SessionBusyError(session_id)
             session = session or self.cache.get_or_create_session(session_id, owner)
@@ -135,6 +134,8 @@ class LLMEngine:
             session.last_active = time.monotonic()
             session.num_turns += 1
         req = Request(request_id, list(token_ids), len(token_ids), params, max_tokens, session=session)
+        if history:
+            req.stored_context = common_prefix_len(history, req.token_ids)
         seed = params.seed
         if seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -175,14 +176,15 @@ class LLMEngine:
                 outputs[out.request_id].extend(out.new_token_ids)
         return [outputs[i] for i in ids]
 
-    def delete_session(self, session_id: str, owner: str | None | object = ANY_OWNER) -> None:
+    def delete_session(self, session_id: str | SessionKey, owner: str | None = None) -> RequestOutput | None:
+        """Forget a session and its cache; a turn still running is aborted and its final output returned."""
         s = self.get_session(session_id, owner)
-        if s.active_request is not None:
-            self.abort(s.active_request)
-        self.cache.delete_session(session_id)
+        out = self.abort(s.active_request) if s.active_request is not None else None
+        self.cache.delete_session(s.key)
+        return out
 
-    def expire_idle_sessions(self) -> list[str]:
-        """Forget sessions idle longer than ``session_idle_timeout``; returns their ids."""
+    def expire_idle_sessions(self) -> list[SessionKey]:
+        """Forget the cache of sessions idle longer than ``session_idle_timeout``; returns their keys."""
         ttl = self.config.session_idle_timeout
         if ttl <= 0:
             return []
@@ -195,22 +197,19 @@ class LLMEngine:
             log.info("expired %d idle session(s)", len(expired))
         return expired
 
-    def offload_session(self, session_id: str) -> int:
+    def offload_session(self, session_id: str | SessionKey, owner: str | None = None) -> int:
         """Copy an idle session's context to the CPU tier and free its GPU blocks, now."""
-        moved = self.cache.offload(session_id)
+        moved = self.cache.offload(session_id, owner)
         self.runner.execute(SchedulerOutput(swaps=self.cache.take_plan()))
         self.cache.finish_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return moved
 
-    def get_session(self, session_id: str, owner: str | None | object = ANY_OWNER) -> Session:
-        """The session, if it exists and (when ``owner`` is given) belongs to that API key;
-        another key's session is reported unknown, so its existence does not leak."""
-        s = self.cache.get_session(session_id)
-        if owner is not ANY_OWNER and s.owner != owner:
-            raise UnknownSessionError(session_id)
-        return s
+    def get_session(self, session_id: str | SessionKey, owner: str | None = None) -> Session:
+        """The session ``(owner, session_id)`` (or a SessionKey); UnknownSessionError if this engine
+        holds none. Another owner's session of the same id is simply a different, unknown one."""
+        return self.cache.get_session(session_id, owner)
 
     # ---------------------------------------------------------------- internals
     def _cost_model(self, num_gpu_blocks: int) -> CostModel:
@@ -319,7 +318,7 @@ class LLMEngine:
     def _output(self, req: Request, token_ids: list[int], text: str, finished: bool) -> RequestOutput:
         return RequestOutput(req.request_id, token_ids, text, finished, req.finish_reason, req.num_prompt_tokens,
                              req.num_cached_tokens, req.num_output_tokens,
-                             req.session.session_id if req.session else None)
+                             req.session.session_id if req.session else None, req.num_recomputed_tokens)
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +38,14 @@ class Chunk:
         return f"Chunk(gpu={self.gpu}, cpu={self.cpu})"
 
 
+class SessionKey(NamedTuple):
+    """A session's identity in the engine: the API key's identity (None without keys) and the id.
+    Two keys that use the same id have two unrelated sessions."""
+
+    owner: str | None
+    session_id: str
+
+
 @dataclass(eq=False)
 class Session:
     """A conversation's context, kept between turns.
@@ -56,6 +65,10 @@ class Session:
     active_request: str | None = None
     num_turns: int = 0
     internal: bool = False  # made by the engine to hold a suspended request's context
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey(self.owner, self.session_id)
 
     @property
     def num_cached(self) -> int:
@@ -87,6 +100,10 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the session's cache at admission (GPU or CPU)
+    # Leading prompt tokens the caller's session store says this conversation already had
+    # (add_request's ``history``): those this engine does not hold count as "recomputed", not "new".
+    stored_context: int = 0
+    num_recomputed_tokens: int = 0  # context tokens recomputed at admission (dropped chunks + stored_context)
     # Dropped leading tokens being recomputed as a second query segment: positions
     # [recompute_pos, recompute_end) still lack their KV; [recompute_end, num_computed_tokens) have it.
     recompute_pos: int = 0
@@ -134,3 +151,4 @@ class RequestOutput:
     num_cached_tokens: int
     num_output_tokens: int
     session_id: str | None = None
+    num_recomputed_tokens: int = 0  # context this turn recomputed because the cache no longer (or never) held it
