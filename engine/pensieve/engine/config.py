@@ -52,8 +52,9 @@ class EngineConfig:
     swap_impl: str = opt("auto", "CPU<->GPU block copies on CUDA: kernel (one launch per layer, the GPU reads and "
                                  "writes pinned host memory directly), dma (one copy per run of adjacent blocks); "
                                  "auto: kernel", ("auto", "kernel", "dma"))
-    session_idle_timeout: float = opt(3600.0, "seconds after which an idle session (its cache and history) is "
-                                              "forgotten; 0 keeps sessions until they are deleted")
+    session_idle_timeout: float = opt(3600.0, "seconds after which an idle session is forgotten: its KV cache "
+                                              "here and its record in the session store; 0 keeps sessions "
+                                              "until they are deleted")
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

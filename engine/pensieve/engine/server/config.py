@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..config import opt
 from ..errors import InvalidRequestError
+from .store.factory import check_store_url
 
 
 @dataclass
@@ -22,6 +23,10 @@ class ServerConfig:
     drain_timeout: float = opt(30.0, "seconds in-flight requests get to finish after SIGTERM before they are aborted")
     default_max_tokens: int | None = opt(None, "max_tokens of a request that gives none (default: fill the context)")
     max_session_id_len: int = opt(128, "longest accepted session id")
+    session_store: str | None = opt(None, "where conversations are kept: sqlite:///PATH (default: a file under "
+                                          "~/.cache/pensieve) or redis://HOST:PORT/DB (shared by all engines)")
+    max_sessions_per_key: int = opt(1000, "sessions one API key may hold in the store (0: no bound); a new "
+                                          "session beyond it gets 429 too_many_sessions")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -34,4 +39,8 @@ class ServerConfig:
             raise InvalidRequestError("drain_timeout must be >= 0", "drain_timeout")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise InvalidRequestError("default_max_tokens must be >= 1", "default_max_tokens")
+        if self.session_store:
+            check_store_url(self.session_store)
+        if self.max_sessions_per_key < 0:
+            raise InvalidRequestError("max_sessions_per_key must be >= 0", "max_sessions_per_key")
         self.api_key = [k for k in (self.api_key or []) if k]
