@@ -247,7 +247,7 @@ class PensieveServer:
         """Forget the session everywhere: a running turn ends now, the cache and the record go."""
         sid = self._path_session(request)
         key = SessionKey(request["owner"], sid)
-        turn = self.conversations.running.get(key)
+        turn = self.conversations.end_running(key)
         if turn is not None and turn.request_id is not None:
             self.worker.abort(turn.request_id, keep_stream=True)  # its handler answers session_deleted
 

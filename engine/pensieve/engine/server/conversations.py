@@ -126,12 +126,18 @@ class Conversations:
             except StoreUnavailableError as e:
                 raise store_unavailable(e) from None
 
-    async def delete(self, owner: str | None, sid: str) -> bool:
-        """Mark a running turn deleted and remove the record; True if there was a record."""
-        key = SessionKey(owner, sid)
+    def end_running(self, key: SessionKey) -> Turn | None:
+        """DELETE arrived: mark the session's running turn (if any) deleted, so that its end is
+        reported as ``session_deleted`` and it is never saved. The caller aborts its request."""
         turn = self.running.get(key)
         if turn is not None:
             turn.deleted = True
+        return turn
+
+    async def delete(self, owner: str | None, sid: str) -> bool:
+        """Remove the record (after end_running); True if there was one."""
+        key = SessionKey(owner, sid)
+        self.end_running(key)
         async with self._lock(key):
             try:
                 return await self.store.delete(owner, sid)
