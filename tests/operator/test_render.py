@@ -53,7 +53,8 @@ def test_children_labels_and_owner(settings):
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "pensieve-operator"
         assert meta["ownerReferences"] == [{"apiVersion": "pensieve.ai/v1alpha1", "kind": "PensieveDeployment", "name": "chat",
                                             "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
-    assert {(a.kind, n) for a, n in absent} == {("HorizontalPodAutoscaler", "chat")}
+    assert {(a.kind, n) for a, n in absent} == {("HorizontalPodAutoscaler", "chat"), ("StatefulSet", "chat-sessions"),
+                                                ("Service", "chat-sessions")}  # no managed session store
 
 
 def test_engine_deployment(settings):

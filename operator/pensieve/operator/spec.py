@@ -13,6 +13,7 @@ import re
 from typing import Any, Mapping
 
 from .quantity import parse_bytes, parse_quantity
+from .sessions import SessionsSpec, parse_sessions
 
 CACHE_MODES = ("pensieve", "gpu-only", "none")
 EVICTIONS = ("retention", "lru")
@@ -24,6 +25,7 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 RESERVED_ENV = {
     "PENSIEVE_MODEL", "PENSIEVE_PORT", "PENSIEVE_HOST", "PENSIEVE_CPU_CACHE_BYTES",
     "PENSIEVE_GPU_MEMORY_UTILIZATION", "PENSIEVE_CACHE_MODE", "PENSIEVE_BLOCK_SIZE", "PENSIEVE_EVICTION",
+    "PENSIEVE_SESSION_STORE", "PENSIEVE_SESSION_IDLE_TIMEOUT", "PENSIEVE_MAX_SESSIONS_PER_KEY",
 }
 
 
@@ -114,6 +116,7 @@ class PensieveSpec:
     autoscaling: AutoscalingSpec
     router: RouterSpec
     monitoring: MonitoringSpec
+    sessions: SessionsSpec = SessionsSpec()
 
     @property
     def model_dir(self) -> str:
@@ -311,9 +314,11 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
         service_monitor=r.bool(mo, "serviceMonitor", "spec.monitoring", False),
         interval=r.str(mo, "interval", "spec.monitoring", "15s"),
     )
+    sessions = parse_sessions(r, spec, replicas, errors)
     if errors:
         raise SpecError(errors)
     return PensieveSpec(
         name=name, namespace=namespace, replicas=replicas, served_name=served_name, source=source, engine=engine,
         resources=resources, cache=cache, autoscaling=autoscaling, router=router, monitoring=monitoring,
+        sessions=sessions,
     )
