@@ -76,6 +76,7 @@ def child_set(api, ns, name):
     out = {}
     lists = [("ConfigMap", core.list_namespaced_config_map), ("Service", core.list_namespaced_service),
              ("ServiceAccount", core.list_namespaced_service_account), ("Deployment", apps_.list_namespaced_deployment),
+             ("StatefulSet", apps_.list_namespaced_stateful_set),
              ("Role", rbac.list_namespaced_role), ("RoleBinding", rbac.list_namespaced_role_binding)]
     for kind, fn in lists:
         for o in fn(ns, label_selector=sel).items:
@@ -108,7 +109,8 @@ def test_sample_creates_every_child_and_turns_ready(api, co, apps, core, namespa
     kids = child_set(api, namespace, "chat")
     assert set(kids) == {"ConfigMap/chat-engine", "Service/chat-engine", "Deployment/chat-engine", "PodDisruptionBudget/chat-engine",
                          "ServiceAccount/chat-router", "Role/chat-router", "RoleBinding/chat-router", "Deployment/chat-router",
-                         "Service/chat", "HorizontalPodAutoscaler/chat"}
+                         "Service/chat", "HorizontalPodAutoscaler/chat",
+                         "StatefulSet/chat-sessions", "Service/chat-sessions"}  # the sample's managed session store
     # Owner references and labels on every child.
     dep = apps.read_namespaced_deployment("chat-engine", namespace)
     for ref in [dep.metadata.owner_references, core.read_namespaced_service("chat", namespace).metadata.owner_references,
@@ -305,7 +307,7 @@ def test_operator_killed_and_restarted_does_not_churn(api, co, namespace, operat
             for k, (uid, rv, gen) in before.items():
                 assert after[k][0] == uid, f"{k} was recreated"
                 assert after[k][2] == gen, f"{k} spec was rewritten"
-                if not k.startswith(("Deployment/", "HorizontalPodAutoscaler/")):  # their controllers write status
+                if not k.startswith(("Deployment/", "StatefulSet/", "HorizontalPodAutoscaler/")):  # controllers write status
                     assert after[k][1] == rv, f"{k} was patched"
             log = (tmp_path / f"operator-{n}.log").read_text()
             assert "Reconciled:" not in log, log[-2000:]
