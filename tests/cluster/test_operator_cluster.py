@@ -109,8 +109,7 @@ def test_sample_creates_every_child_and_turns_ready(api, co, apps, core, namespa
     kids = child_set(api, namespace, "chat")
     assert set(kids) == {"ConfigMap/chat-engine", "Service/chat-engine", "Deployment/chat-engine", "PodDisruptionBudget/chat-engine",
                          "ServiceAccount/chat-router", "Role/chat-router", "RoleBinding/chat-router", "Deployment/chat-router",
-                         "Service/chat", "HorizontalPodAutoscaler/chat",
-                         "StatefulSet/chat-sessions", "Service/chat-sessions"}  # the sample's managed session store
+                         "Service/chat", "HorizontalPodAutoscaler/chat"}
     # Owner references and labels on every child.
     dep = apps.read_namespaced_deployment("chat-engine", namespace)
     for ref in [dep.metadata.owner_references, core.read_namespaced_service("chat", namespace).metadata.owner_references,
