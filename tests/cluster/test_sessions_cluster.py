@@ -70,11 +70,12 @@ def test_managed_store_keeps_a_session_across_the_loss_of_its_engine(api, namesp
     # The engine that held the conversation is lost: its process killed, its pod gone at once.
     victim = next(name for name, p in engines.items() if f"{p.status.pod_ip}:8000" == home)
     run = next(r for r in kubelet.pods.values() if r.name == victim and r.namespace == namespace)
-    os.killpg(run.proc.pid, signal.SIGKILL)
-    # Dead, sockets closed (a connect now is refused): not a turn lost mid-flight, which the router
-    # answers 502 because it cannot know how far the engine got.
-    wait_for(lambda: run.proc.poll() is not None, 10, "the engine process gone")
+    proc = run.proc
+    os.killpg(proc.pid, signal.SIGKILL)
     core.delete_namespaced_pod(victim, namespace, grace_period_seconds=0)
+    # Gone for good (process dead, pod and its address removed) before the next turn: a turn lost
+    # mid-flight is answered 502 by the router, which cannot know how far the engine got.
+    wait_for(lambda: proc.poll() is not None and run.uid not in kubelet.pods, 20, "the engine and its pod gone")
 
     third, home3 = turn(base, sid, "and now?")
     assert home3 != home
