@@ -12,7 +12,7 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=""
 RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"; else pip install "$TORCH_SPEC"; fi \
  && pip install -c requirements/constraints.txt transformers tokenizers safetensors gguf triton numpy jinja2 \
-        aiohttp prometheus-client huggingface_hub
+        aiohttp prometheus-client redis huggingface_hub
 COPY common/ common/
 COPY kernels/ kernels/
 COPY engine/ engine/

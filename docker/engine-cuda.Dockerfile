@@ -10,7 +10,7 @@ COPY requirements/constraints.txt requirements/constraints.txt
 ARG TORCH_SPEC=torch==2.13.0
 RUN pip install "$TORCH_SPEC" \
  && pip install -c requirements/constraints.txt transformers tokenizers safetensors gguf triton numpy jinja2 \
-        aiohttp prometheus-client huggingface_hub
+        aiohttp prometheus-client redis huggingface_hub
 COPY common/ common/
 COPY kernels/ kernels/
 COPY engine/ engine/

@@ -11,6 +11,16 @@ venv="${PENSIEVE_VENV:-$cache/venv-$key}"
 python_bin="${PYTHON:-python3.11}"
 command -v "$python_bin" >/dev/null || python_bin=python3
 
+# redis-server (Debian's package): the session-store tests start a real one.
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "[bootstrap] installing redis-server" >&2
+    if [ "$(id -u)" = 0 ]; then sudo_cmd=""; else sudo_cmd="sudo -n"; fi
+    $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null 2>&1 || {
+        $sudo_cmd apt-get update -q >/dev/null && \
+        $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null; } \
+        || echo "[bootstrap] could not install redis-server; the session-store tests will fail" >&2
+fi
+
 if [ ! -f "$venv/.complete" ]; then
     echo "[bootstrap] creating $venv (first run: a few minutes)" >&2
     rm -rf "$venv"

@@ -33,7 +33,8 @@ os.environ.setdefault("PENSIEVE_OPERATOR_ROUTER_IMAGE", "pensieve-router:test")
 
 from pensieve.operator.kube import raw_request  # noqa: E402
 from k8s_controlplane import ControlPlane, ensure_binaries  # noqa: E402
-from standin_kubelet import Net, StandInKubelet, engine_command, standin_command, with_router  # noqa: E402
+from standin_kubelet import (Net, StandInKubelet, engine_command, standin_command, with_host_path_engines,  # noqa: E402
+                             with_router, with_session_store)
 from waiting import wait_for  # noqa: F401  (re-exported: the cluster tests import it from here)
 
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -150,7 +151,8 @@ def kubelet(api, fake_nodes, control_plane, kubelet_command_for):
     router = os.environ.get("PENSIEVE_KUBELET_ROUTER", "real")
     if router not in ("real", "standin"):
         raise ValueError(f"PENSIEVE_KUBELET_ROUTER must be real or standin, got {router!r}")
-    command_for = with_router(kubelet_command_for, control_plane.kubeconfig, logs) if router == "real" else kubelet_command_for
+    command_for = with_session_store(with_host_path_engines(kubelet_command_for, logs), logs)
+    command_for = with_router(command_for, control_plane.kubeconfig, logs) if router == "real" else command_for
     # Pod-to-pod traffic (router -> engines) crosses the host between two veth links: the host
     # must forward IPv4 while the tier runs (restored afterwards).
     fwd = Path("/proc/sys/net/ipv4/ip_forward")

@@ -20,6 +20,14 @@ env. tests/cluster/conftest.py switches with PENSIEVE_KUBELET_MODE=standin|engin
 `python -m pensieve.router` (its env from the pod), with PENSIEVE_ROUTER_KUBECONFIG set
 to a copy of the control plane's kubeconfig that points at the pod's veth peer address on
 the host (KUBERNETES_SERVICE_HOST), which is how the pod reaches the API server.
+`with_host_path_engines(command_for, out_dir)`: an engine pod whose model volume is a
+hostPath holding a checkpoint runs the real engine on it (what a kubelet's mount gives).
+`with_session_store(command_for, out_dir)`: pods of a managed session store run a real
+redis-server with the container's arguments (where Debian's package is installed).
+
+Cluster DNS, in the small: a pod whose environment names ``<service>.<namespace>.svc``
+starts once that Service has a ready endpoint, with an /etc/hosts (``ip netns exec``
+mounts /etc/netns/<ns>/hosts) mapping the name to that endpoint's pod IP.
 """
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ import base64
 import datetime
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +109,46 @@ def with_router(command_for: CommandFor, kubeconfig: Path, out_dir: Path) -> Com
     return wrapped
 
 
+def _component(pod: dict) -> str:
+    return (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component", "")
+
+
+def with_host_path_engines(command_for: CommandFor, out_dir: Path) -> CommandFor:
+    """Engine pods whose model is a hostPath checkpoint run the real engine on it; an embedded
+    SQLite session store goes to a file of this pod under ``out_dir`` (its emptyDir)."""
+    def wrapped(pod: dict, container: dict, env: dict[str, str]):
+        if _component(pod) == "engine":
+            vol = next((v for v in pod["spec"].get("volumes") or [] if v.get("name") == "model"), {})
+            path = (vol.get("hostPath") or {}).get("path")
+            if path and (Path(path) / "config.json").is_file():
+                if env.get("PENSIEVE_SESSION_STORE", "").startswith("sqlite://"):
+                    m = pod["metadata"]
+                    env = dict(env, PENSIEVE_SESSION_STORE=f"sqlite:///{out_dir}/{m['namespace']}_{m['name']}.sqlite3")
+                return engine_command(path)(pod, container, env)
+        return command_for(pod, container, env)
+    return wrapped
+
+
+def with_session_store(command_for: CommandFor, out_dir: Path) -> CommandFor:
+    """Managed session-store pods run redis-server with the pod's arguments, /data in ``out_dir``."""
+    binary = shutil.which("redis-server")
+
+    def wrapped(pod: dict, container: dict, env: dict[str, str]):
+        if _component(pod) != "sessions" or binary is None:
+            return command_for(pod, container, env)
+        m = pod["metadata"]
+        data = Path(out_dir) / f"{m['namespace']}_{m['name']}.data"
+        data.mkdir(parents=True, exist_ok=True)
+        args = list(container.get("args") or [])
+        if "--dir" in args:
+            args[args.index("--dir") + 1] = str(data)
+        return [binary, *args], env
+    return wrapped
+
+
+_SERVICE_NAME = re.compile(r"\b([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)\.([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)\.svc(?:\.cluster\.local)?\b")
+
+
 @dataclass
 class PodRun:
     uid: str
@@ -163,6 +213,17 @@ class Net:
     @staticmethod
     def release(ns: str) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+
+    @staticmethod
+    def write_hosts(ns: str, names: dict[str, str]) -> None:
+        """/etc/hosts as the processes of namespace ``ns`` see it (``ip netns exec`` mounts it)."""
+        if not names:
+            return
+        folder = Path("/etc/netns") / ns
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost"] + [f"{ip} {name}" for name, ip in sorted(names.items())]
+        (folder / "hosts").write_text("\n".join(lines) + "\n")
 
 
 class StandInKubelet:
@@ -252,6 +313,22 @@ class StandInKubelet:
                 env[e["name"]] = base64.b64decode(secret.data[ref["key"]]).decode()
         return env
 
+    def _resolve_services(self, env: dict[str, str]) -> dict[str, str] | None:
+        """``name.ns.svc`` names in the env -> a ready endpoint's IP; None while one has none."""
+        out: dict[str, str] = {}
+        for value in env.values():
+            for m in _SERVICE_NAME.finditer(value):
+                svc, ns = m.group(1), m.group(2)
+                try:
+                    ep = raw_request(self.api, "GET", f"/api/v1/namespaces/{ns}/endpoints/{svc}")
+                except NotFound:
+                    return None
+                ips = [a["ip"] for sub in ep.get("subsets") or [] for a in sub.get("addresses") or []]
+                if not ips:
+                    return None
+                out[m.group(0)] = ips[0]
+        return out
+
     def _start(self, pod: dict) -> None:
         meta, spec = pod["metadata"], pod["spec"]
         container = spec["containers"][0]
@@ -264,7 +341,11 @@ class StandInKubelet:
             env["PENSIEVE_STANDIN_MOUNTS"] = ",".join(f"{k}={v}" for k, v in mounts.items())
         if not self._init_done(pod, mounts):
             return  # an init container still waits (wait-for-model: the download's marker)
+        hosts = self._resolve_services(env)
+        if hosts is None:
+            return  # a Service it names has no ready endpoint yet: try again next round
         ns, ip, host_ip = self.net.allocate()
+        Net.write_hosts(ns, hosts)
         if self.api_server_port:
             env["KUBERNETES_SERVICE_HOST"] = host_ip
         argv, env = self.command_for(pod, container, env)

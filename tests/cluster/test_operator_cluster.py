@@ -78,6 +78,7 @@ def child_set(api, ns, name):
     out = {}
     lists = [("ConfigMap", core.list_namespaced_config_map), ("Service", core.list_namespaced_service),
              ("ServiceAccount", core.list_namespaced_service_account), ("Deployment", apps_.list_namespaced_deployment),
+             ("StatefulSet", apps_.list_namespaced_stateful_set),
              ("Role", rbac.list_namespaced_role), ("RoleBinding", rbac.list_namespaced_role_binding)]
     for kind, fn in lists:
         for o in fn(ns, label_selector=sel).items:
@@ -307,7 +308,7 @@ def test_operator_killed_and_restarted_does_not_churn(api, co, namespace, operat
             for k, (uid, rv, gen) in before.items():
                 assert after[k][0] == uid, f"{k} was recreated"
                 assert after[k][2] == gen, f"{k} spec was rewritten"
-                if not k.startswith(("Deployment/", "HorizontalPodAutoscaler/")):  # their controllers write status
+                if not k.startswith(("Deployment/", "StatefulSet/", "HorizontalPodAutoscaler/")):  # controllers write status
                     assert after[k][1] == rv, f"{k} was patched"
             log = (tmp_path / f"operator-{n}.log").read_text()
             assert "Reconciled:" not in log, log[-2000:]

@@ -127,13 +127,13 @@ def test_idle_sessions_expire(make_engine):
     engine.step()
     assert engine.expire_idle_sessions() == []
     now[0] += 15  # "old" idle 35 s; "busy" has a request in flight
-    assert engine.expire_idle_sessions() == ["old"]
-    assert "old" not in engine.cache.sessions and "busy" in engine.cache.sessions
+    assert engine.expire_idle_sessions() == [(None, "old")]
+    assert (None, "old") not in engine.cache.sessions and (None, "busy") in engine.cache.sessions
     engine.abort(engine.get_session("busy").active_request)
     assert make_engine("llama", session_idle_timeout=0).expire_idle_sessions() == []
 
 
-def test_session_reads_are_scoped_to_their_owner(make_engine):
+def test_sessions_are_keyed_by_owner_and_id(make_engine):
     from pensieve.engine import UnknownSessionError
 
     engine = make_engine("llama")
@@ -144,5 +144,35 @@ def test_session_reads_are_scoped_to_their_owner(make_engine):
     for call in (lambda: engine.get_session("mine", "key-b"), lambda: engine.delete_session("mine", None)):
         with pytest.raises(UnknownSessionError):
             call()
+    # Another owner's turn on the same id gets its own session: nothing reused, nothing busy.
+    engine.add_request([1, 2, 3, 4], PARAMS, request_id="b1", session_id="mine", owner="key-b")
+    assert engine.requests["b1"].session is not engine.get_session("mine", "key-a")
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.num_cached_tokens == 0
+    assert set(engine.cache.sessions) == {("key-a", "mine"), ("key-b", "mine")}
     engine.delete_session("mine", "key-a")
-    assert "mine" not in engine.cache.sessions
+    assert set(engine.cache.sessions) == {("key-b", "mine")}
+
+
+def test_history_from_a_store_counts_as_recomputed(make_engine):
+    """A turn whose conversation the engine does not hold, but whose store history matches the
+    prompt, reports that prefix as recomputed context (not new input)."""
+    engine = make_engine("llama")
+    before = dict(engine.cache.stats.context_tokens)
+    history = list(range(5, 45))  # 40 tokens the conversation had
+    prompt = history[:38] + [99, 98, 97]  # the template re-rendered the tail differently
+    engine.add_request(prompt, PARAMS, request_id="r", session_id="lost", history=history)
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    assert outs[-1].num_recomputed_tokens == 38 and outs[-1].num_cached_tokens == 0
+    after = engine.cache.stats.context_tokens
+    assert after["recomputed"] - before["recomputed"] == 38 and after["new"] - before["new"] == 3
+    # The next turn finds its context cached: nothing recomputed although the history is passed again.
+    prompt2 = prompt + [7, 8]
+    engine.add_request(prompt2, PARAMS, request_id="r2", session_id="lost", history=prompt)
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    assert outs[-1].num_recomputed_tokens == 0 and outs[-1].num_cached_tokens > 0

@@ -119,7 +119,7 @@ def test_operator_deployment_and_rbac():
                   ("discovery.k8s.io", "v1beta1" if old else "v1"): ["endpointslices"],
                   ("monitoring.coreos.com", "v1"): ["servicemonitors"]}
         apis = choose_versions(lambda g, v: served.get((g, v)))
-        spec = make_spec(autoscaling={"enabled": True}, monitoring={"serviceMonitor": True})
+        spec = make_spec(autoscaling={"enabled": True}, monitoring={"serviceMonitor": True}, sessions={"managed": True})
         children, _, _ = render_children(spec, compute_sizing([NODES["A10"]()], spec, Settings()), Settings(), apis)
         for child in children:
             assert any(child.api.group in r["apiGroups"] and child.api.plural in r["resources"]

@@ -55,7 +55,8 @@ def test_children_labels_and_owner(settings):
         assert meta["ownerReferences"] == [{"apiVersion": "pensieve.ai/v1alpha1", "kind": "PensieveDeployment", "name": "chat",
                                             "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
     assert {(a.kind, n) for a, n in absent} == {("HorizontalPodAutoscaler", "chat"), ("Job", "chat-model-fetch"),
-                                                ("PersistentVolumeClaim", "chat-model-cache")}
+                                                ("PersistentVolumeClaim", "chat-model-cache"),
+                                                ("StatefulSet", "chat-sessions"), ("Service", "chat-sessions")}
 
 
 def test_engine_deployment(settings):

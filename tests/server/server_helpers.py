@@ -50,8 +50,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, log: Path, *args: str, env: dict | None = None) -> Server:
-    port = free_port()
+def start_server(ckpt: Path, log: Path, *args: str, env: dict | None = None, port: int | None = None) -> Server:
+    """A server process; unless told otherwise its session store is a fresh SQLite file beside the log."""
+    port = port or free_port()
+    if "--session-store" not in args and "PENSIEVE_SESSION_STORE" not in (env or {}):
+        args = (*args, "--session-store", f"sqlite:///{log.parent / (log.stem + '-sessions.sqlite3')}")
     cmd = [sys.executable, "-m", "pensieve.engine", "serve", "--model", str(ckpt), "--served-model-name", MODEL,
            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), *args]
     full_env = {**os.environ, "TRITON_INTERPRET": "1", **(env or {})}

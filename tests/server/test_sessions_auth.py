@@ -1,4 +1,4 @@
-"""Sessions are scoped to the API key that made them."""
+"""Sessions are named by (API key, id): one key can neither read, extend, detect nor squat another's."""
 from __future__ import annotations
 
 import httpx
@@ -12,49 +12,71 @@ def chat(server, key, sid, content, **kw):
                             "temperature": 0, **kw}, timeout=60)
 
 
-def test_keys_cannot_read_or_extend_each_others_sessions(server):
+def get(server, key, sid):
+    return httpx.get(f"{server.url}/v1/sessions/{sid}", headers=server.headers(key), timeout=10)
+
+
+def delete(server, key, sid):
+    return httpx.delete(f"{server.url}/v1/sessions/{sid}", headers=server.headers(key), timeout=10)
+
+
+def observe(server, key, sid) -> list:
+    """Everything a key can learn about an id: GET, DELETE, then a first turn of each mode and GET again."""
+    seen = [(get(server, key, sid).status_code, get(server, key, sid).json()["error"]["code"]),
+            (delete(server, key, sid).status_code,)]
+    for mode in ("append", "full"):
+        r = chat(server, key, sid, "tell me the plan", session_mode=mode)
+        assert r.status_code == 200, r.text
+        seen.append((mode, r.json()["usage"]))
+    info = get(server, key, sid).json()
+    seen.append((info["num_turns"], info["messages"], info["context_tokens"] > 0))
+    assert delete(server, key, sid).status_code == 200
+    return seen
+
+
+def test_another_keys_session_id_looks_exactly_unused(server):
+    """(key, id) is the identity: KEY2 cannot tell KEY1's id from one nobody ever used."""
     sid = "private-conversation"
     r = chat(server, KEY1, sid, "my secret plan", session_mode="append")
     assert r.status_code == 200 and r.headers["X-Session-ID"] == sid
-    first = server.headers(KEY1)
+    used = observe(server, KEY2, sid)
+    unused = observe(server, KEY2, "never-used-by-anyone")
+    assert used == unused
+    assert used[0] == (404, "session_not_found") and used[1] == (404,)
+    assert used[-1][0] == 2 and "secret" not in str(used[-1][1])
 
-    for key in (KEY2,):
-        other = server.headers(key)
-        # read
-        g = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=other, timeout=10)
-        assert g.status_code == 404 and g.json()["error"]["code"] == "session_not_found"
-        # extend, both modes
-        for mode in ("append", "full"):
-            e = chat(server, key, sid, "tell me the plan", session_mode=mode)
-            assert e.status_code == 404, e.text
-            assert e.json()["error"]["code"] == "session_not_found"
-        # same through the body field
-        e = httpx.post(server.url + "/v1/chat/completions", headers=other, timeout=60,
-                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
-                             "session_id": sid})
-        assert e.status_code == 404
-        # delete
-        d = httpx.delete(f"{server.url}/v1/sessions/{sid}", headers=other, timeout=10)
-        assert d.status_code == 404
-
-    # the owner's session is untouched: one turn, two messages held
-    info = httpx.get(f"{server.url}/v1/sessions/{sid}", headers=first, timeout=10).json()
+    # KEY1's conversation is untouched and continues from its cache.
+    info = get(server, KEY1, sid).json()
     assert info["num_turns"] == 1 and info["num_messages"] == 2 and info["cached_tokens"] > 0
-    # the owner continues; the append turn reuses the cache
+    assert info["messages"][0]["content"] == "my secret plan"
     r2 = chat(server, KEY1, sid, "next step?", session_mode="append")
     assert r2.status_code == 200 and r2.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-    assert httpx.delete(f"{server.url}/v1/sessions/{sid}", headers=first, timeout=10).status_code == 200
-    assert httpx.get(f"{server.url}/v1/sessions/{sid}", headers=first, timeout=10).status_code == 404
+    assert delete(server, KEY1, sid).status_code == 200
+    assert get(server, KEY1, sid).status_code == 404
 
 
-def test_other_key_gets_its_own_session_of_the_same_name_after_delete(server):
-    sid = "reused-name"
-    assert chat(server, KEY1, sid, "one").status_code == 200
-    assert httpx.delete(f"{server.url}/v1/sessions/{sid}", headers=server.headers(KEY1), timeout=10).status_code == 200
-    r = chat(server, KEY2, sid, "two")
-    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert httpx.get(f"{server.url}/v1/sessions/{sid}", headers=server.headers(KEY1), timeout=10).status_code == 404
-    assert httpx.delete(f"{server.url}/v1/sessions/{sid}", headers=server.headers(KEY2), timeout=10).status_code == 200
+def test_an_id_cannot_be_squatted(server):
+    """KEY2 takes an id first (and is even mid-turn on it): KEY1's first turn on it is a fresh conversation."""
+    sid = "squat"
+    assert chat(server, KEY2, sid, "mine now", session_mode="append").status_code == 200
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "max_tokens": 300,
+            "temperature": 0, "ignore_eos": True, "stream": True, "session_mode": "append"}
+    with httpx.Client(timeout=60) as client, client.stream(
+            "POST", server.url + "/v1/chat/completions", headers=server.headers(KEY2, **{"X-Session-ID": sid}),
+            json=body) as stream:
+        lines = stream.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))  # KEY2's second turn is running
+        r = chat(server, KEY1, sid, "hello", session_mode="append")
+        assert r.status_code == 200, r.text  # not 404, not 409 session_busy
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        for _ in lines:
+            pass
+    mine, theirs = get(server, KEY1, sid).json(), get(server, KEY2, sid).json()
+    assert [m["content"] for m in mine["messages"][::2]] == ["hello"] and mine["num_turns"] == 1
+    assert [m["content"] for m in theirs["messages"][::2]] == ["mine now", "long"] and theirs["num_turns"] == 2
+    assert delete(server, KEY1, sid).status_code == 200
+    assert get(server, KEY2, sid).json()["num_turns"] == 2  # deleting one never touches the other
+    assert delete(server, KEY2, sid).status_code == 200
 
 
 def test_health_ready_metrics_need_no_key(server):

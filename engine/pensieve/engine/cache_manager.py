@@ -31,7 +31,7 @@ from typing import Callable
 from .block_pool import BlockPool
 from .cost_model import CostModel
 from .errors import UnknownSessionError
-from .request import Chunk, Request, Session
+from .request import Chunk, Request, Session, SessionKey
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -114,7 +114,7 @@ class CacheManager:
         self.swap_out_below = swap_out_below if self.tiered else 0.0
         self.admit_above = admit_above if self.tiered else 0.0
         self.clock = clock
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[SessionKey, Session] = {}
         self.stats = CacheStats()
         self._plan = SwapPlan()
         # GPU blocks read by ahead-of-time copies not known to be complete (cleared by copies_done)
@@ -122,23 +122,26 @@ class CacheManager:
         self._cpu_free_after_step: list[int] = []
 
     # ------------------------------------------------------------- sessions
+    # Sessions are keyed by SessionKey(owner, id): the same id under two API keys names two sessions.
     def get_or_create_session(self, session_id: str, owner: str | None = None) -> Session:
-        s = self.sessions.get(session_id)
+        key = SessionKey(owner, session_id)
+        s = self.sessions.get(key)
         if s is None:
-            s = self.sessions[session_id] = Session(session_id, owner=owner, last_active=self.clock())
+            s = self.sessions[key] = Session(session_id, owner=owner, last_active=self.clock())
         return s
 
-    def get_session(self, session_id: str) -> Session:
+    def get_session(self, session_id: str | SessionKey, owner: str | None = None) -> Session:
+        key = session_id if isinstance(session_id, SessionKey) else SessionKey(owner, session_id)
         try:
-            return self.sessions[session_id]
+            return self.sessions[key]
         except KeyError:
-            raise UnknownSessionError(session_id) from None
+            raise UnknownSessionError(key.session_id) from None
 
-    def delete_session(self, session_id: str) -> None:
-        s = self.get_session(session_id)
+    def delete_session(self, session_id: str | SessionKey, owner: str | None = None) -> None:
+        s = self.get_session(session_id, owner)
         self._free_chunks(s.chunks)
         s.chunks, s.token_ids = [], []
-        del self.sessions[session_id]
+        del self.sessions[s.key]
 
     # ------------------------------------------------------------- admission and hand-over
     def plan_attach(self, req: Request) -> tuple[int, int, int]:
@@ -206,11 +209,15 @@ class CacheManager:
         req.num_computed_tokens = match
         req.recompute_pos, req.recompute_end = 0, recompute
         if count_context:
+            # Prompt tokens past the match that the session store says the conversation already had:
+            # this engine lost (or never held) their KV, so they are recomputed context, not new input.
+            restored = max(0, min(req.stored_context, len(req.token_ids)) - match)
+            source["recomputed"] += restored
             req.num_cached_tokens = source["gpu"] + source["cpu"]
-            req.context_sources = {**source, "new": len(req.token_ids) - match}
+            req.context_sources = {**source, "new": len(req.token_ids) - match - restored}
             for k, v in source.items():
                 self.stats.context_tokens[k] += v
-            self.stats.context_tokens["new"] += len(req.token_ids) - match
+            self.stats.context_tokens["new"] += len(req.token_ids) - match - restored
 
     def release(self, req: Request) -> None:
         """The request ended: its valid context goes back to its session, the rest to the pool."""
@@ -228,7 +235,7 @@ class CacheManager:
             if s.internal:  # it only held a suspended request's context
                 self._free_chunks(s.chunks)
                 s.chunks, s.token_ids = [], []
-                self.sessions.pop(s.session_id, None)
+                self.sessions.pop(s.key, None)
         self.gpu.free(blocks)
 
     def suspend(self, req: Request) -> None:
@@ -236,8 +243,8 @@ class CacheManager:
         session's evictable cache (an internal session if it has none), so it is
         swapped out or dropped only as far as memory demands."""
         if req.session is None:
-            sid = f"\x00suspended/{req.request_id}"
-            req.session = self.sessions[sid] = Session(sid, internal=True, active_request=req.request_id)
+            s = Session(f"\x00suspended/{req.request_id}", internal=True, active_request=req.request_id)
+            req.session = self.sessions[s.key] = s
         s = req.session
         valid = req.num_valid_tokens
         keep = self._blocks_for(valid)
@@ -350,10 +357,10 @@ class CacheManager:
             if j is not None:
                 heapq.heappush(heap, (self.policy.value(j * bs, idle), n, j, s, idle))
 
-    def offload(self, session_id: str) -> int:
+    def offload(self, session_id: str | SessionKey, owner: str | None = None) -> int:
         """Move an idle session's GPU chunks to the CPU tier now (benchmarks and tests).
         Returns how many chunks moved; those the CPU tier cannot take stay on the GPU."""
-        s = self.get_session(session_id)
+        s = self.get_session(session_id, owner)
         moved = 0
         for c in s.chunks:
             if c.gpu is None:

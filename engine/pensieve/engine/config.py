@@ -61,8 +61,9 @@ class EngineConfig:
                                         "(sampled tokens stay on the device); auto: on with CUDA",
                                 ("auto", "on", "off"))
     cuda_graphs: bool = opt(True, "replay decode steps from CUDA graphs captured at start-up (CUDA only)")
-    session_idle_timeout: float = opt(3600.0, "seconds after which an idle session (its cache and history) is "
-                                              "forgotten; 0 keeps sessions until they are deleted")
+    session_idle_timeout: float = opt(3600.0, "seconds after which an idle session is forgotten: its KV cache "
+                                              "here and its record in the session store; 0 keeps sessions "
+                                              "until they are deleted")
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

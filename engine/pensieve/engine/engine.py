@@ -23,23 +23,20 @@ import torch
 
 from pensieve.common.memory import cpu_tier_bytes, usable_memory
 
-from .cache_manager import CacheManager
+from .cache_manager import CacheManager, common_prefix_len
 from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
 from .config import EngineConfig
 from .cost_model import CostModel, load_or_profile, profile_cache_path
 from .detokenizer import IncrementalDetokenizer
-from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError, UnknownSessionError
+from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError
 from .pinned import PinnedPair
 from .prompt import PromptEncoder
-from .request import Request, RequestOutput, RequestStatus, Session
+from .request import Request, RequestOutput, RequestStatus, Session, SessionKey
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger("pensieve.engine")
-
-ANY_OWNER = object()  # get_session/delete_session without an ownership check (in-process callers)
-
 
 @dataclass
 class StepInfo:
@@ -155,9 +152,14 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, session_id: str | None = None,
-                    owner: str | None = None) -> str:
+                    owner: str | None = None, history: list[int] | None = None) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError (and
-        subclasses) for bad input, leaving the engine untouched."""
+        subclasses) for bad input, leaving the engine untouched.
+
+        The session is ``(owner, session_id)``: another owner's session of the same id is
+        a different session. ``history`` is the conversation's token history as the
+        caller's session store last recorded it; the prompt's prefix that matches it and
+        that this engine's cache does not hold is counted (and reported) as recomputed."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
@@ -179,10 +181,7 @@ class LLMEngine:
         if session_id is not None:
             if not isinstance(session_id, str) or not session_id:
                 raise InvalidRequestError("session_id must be a non-empty string", "session_id")
-            session = self.cache.sessions.get(session_id)
-            if session is not None and session.owner != owner:
-                raise InvalidRequestError(f"session {session_id!r} belongs to another API key", "session_id",
-                                          code="session_forbidden")
+            session = self.cache.sessions.get(SessionKey(owner, session_id))
             if session is not None and session.active_request is not None:
                 raise SessionBusyError(session_id)
             session = session or self.cache.get_or_create_session(session_id, owner)
@@ -190,6 +189,8 @@ class LLMEngine:
             session.last_active = time.monotonic()
             session.num_turns += 1
         req = Request(request_id, list(token_ids), len(token_ids), params, max_tokens, session=session)
+        if history:
+            req.stored_context = common_prefix_len(history, req.token_ids)
         req.seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
         self.requests[request_id] = req
@@ -234,14 +235,15 @@ class LLMEngine:
                 outputs[out.request_id].extend(out.new_token_ids)
         return [outputs[i] for i in ids]
 
-    def delete_session(self, session_id: str, owner: str | None | object = ANY_OWNER) -> None:
+    def delete_session(self, session_id: str | SessionKey, owner: str | None = None) -> RequestOutput | None:
+        """Forget a session and its cache; a turn still running is aborted and its final output returned."""
         s = self.get_session(session_id, owner)
-        if s.active_request is not None:
-            self.abort(s.active_request)
-        self.cache.delete_session(session_id)
+        out = self.abort(s.active_request) if s.active_request is not None else None
+        self.cache.delete_session(s.key)
+        return out
 
-    def expire_idle_sessions(self) -> list[str]:
-        """Forget sessions idle longer than ``session_idle_timeout``; returns their ids."""
+    def expire_idle_sessions(self) -> list[SessionKey]:
+        """Forget the cache of sessions idle longer than ``session_idle_timeout``; returns their keys."""
         ttl = self.config.session_idle_timeout
         if ttl <= 0:
             return []
@@ -254,22 +256,19 @@ class LLMEngine:
             log.info("expired %d idle session(s)", len(expired))
         return expired
 
-    def offload_session(self, session_id: str) -> int:
+    def offload_session(self, session_id: str | SessionKey, owner: str | None = None) -> int:
         """Copy an idle session's context to the CPU tier and free its GPU blocks, now."""
-        moved = self.cache.offload(session_id)
+        moved = self.cache.offload(session_id, owner)
         self.runner.execute(SchedulerOutput(swaps=self.cache.take_plan()))
         self.cache.finish_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return moved
 
-    def get_session(self, session_id: str, owner: str | None | object = ANY_OWNER) -> Session:
-        """The session, if it exists and (when ``owner`` is given) belongs to that API key;
-        another key's session is reported unknown, so its existence does not leak."""
-        s = self.cache.get_session(session_id)
-        if owner is not ANY_OWNER and s.owner != owner:
-            raise UnknownSessionError(session_id)
-        return s
+    def get_session(self, session_id: str | SessionKey, owner: str | None = None) -> Session:
+        """The session ``(owner, session_id)`` (or a SessionKey); UnknownSessionError if this engine
+        holds none. Another owner's session of the same id is simply a different, unknown one."""
+        return self.cache.get_session(session_id, owner)
 
     # ---------------------------------------------------------------- internals
     def _cost_model(self, num_gpu_blocks: int) -> CostModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .sampling import SamplingParams
 
@@ -35,6 +36,14 @@ class Chunk:
         return f"Chunk(gpu={self.gpu}, cpu={self.cpu})"
 
 
+class SessionKey(NamedTuple):
+    """A session's identity in the engine: the API key's identity (None without keys) and the id.
+    Two keys that use the same id have two unrelated sessions."""
+
+    owner: str | None
+    session_id: str
+
+
 @dataclass(eq=False)
 class Session:
     """A conversation's context, kept between turns.
@@ -54,6 +63,10 @@ class Session:
     active_request: str | None = None
     num_turns: int = 0
     internal: bool = False  # made by the engine to hold a suspended request's context
+
+    @property
+    def key(self) -> SessionKey:
+        return SessionKey(self.owner, self.session_id)
 
     @property
     def num_cached(self) -> int:
@@ -85,8 +98,11 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the session's cache at admission (GPU or CPU)
-    # Where the prompt's KV came from at admission: gpu, cpu (cached), recomputed, new (sums to the prompt).
+    # Where the prompt's KV came from at admission: gpu, cpu (cached), recomputed, new (sums to the
+    # prompt). "recomputed" covers dropped chunks and the prefix the caller's session store says the
+    # conversation already had (``stored_context``) that this engine no longer (or never) held.
     context_sources: dict[str, int] = field(default_factory=dict)
+    stored_context: int = 0  # leading prompt tokens known to the session store (add_request's ``history``)
     # Dropped leading tokens being recomputed as a second query segment: positions
     # [recompute_pos, recompute_end) still lack their KV; [recompute_end, num_computed_tokens) have it.
     recompute_pos: int = 0
@@ -139,3 +155,8 @@ class RequestOutput:
     num_output_tokens: int
     session_id: str | None = None
     context_sources: dict[str, int] = field(default_factory=dict)  # see Request.context_sources
+
+    @property
+    def num_recomputed_tokens(self) -> int:
+        """Context this turn recomputed because the cache no longer (or never) held it."""
+        return self.context_sources.get("recomputed", 0)

@@ -17,6 +17,7 @@ from .quantity import format_bytes
 from .settings import Settings
 from .sizing import GPU_RESOURCE, LABEL_GPU_PRODUCT, SIZING_ANNOTATION, AppliedSize, Sizing
 from .spec import PensieveSpec
+from . import sessions as session_store
 
 MANAGED_BY = "pensieve-operator"
 APP = "pensieve"
@@ -108,6 +109,7 @@ def engine_env(spec: PensieveSpec, sizing: Sizing) -> dict[str, str]:
     }
     if spec.engine.max_model_len:
         env["PENSIEVE_MAX_MODEL_LEN"] = str(spec.engine.max_model_len)
+    env.update(session_store.session_env(spec.name, spec.namespace, spec.sessions))
     return env
 
 
@@ -174,7 +176,7 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         *scratch_env(), *auth_env(spec, "PENSIEVE_API_KEY"),
-    ] + [{"name": k, "value": v} for k, v in spec.engine.env]
+    ] + session_store.secret_env(spec.sessions) + [{"name": k, "value": v} for k, v in spec.engine.env]
     container = {
         "name": "engine",
         "image": spec.engine.image,
@@ -207,6 +209,10 @@ def render_engine_deployment(spec: PensieveSpec, sizing: Sizing, settings: Setti
         "securityContext": pod_security_context(),
         "automountServiceAccountToken": False,  # engines never call the API
     }
+    store_volume = session_store.embedded_volume(spec.sessions)
+    if store_volume is not None:
+        pod_spec["volumes"].append(store_volume[0])
+        container["volumeMounts"].append(store_volume[1])
     if init:
         pod_spec["initContainers"] = init
     if node_selector:
@@ -383,6 +389,14 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
         children.append(Child(NETWORK_POLICIES, render_network_policy(spec, settings, owner, gateway_ns)))
     else:
         absent.append((NETWORK_POLICIES, n["engine"]))
+    store_apis = (ApiRef("apps", "v1", "statefulsets", "StatefulSet"), ApiRef("", "v1", "services", "Service"))
+    if spec.sessions.mode == "managed":
+        store = session_store.render_managed_store(
+            spec.name, spec.sessions, lambda name, component: _meta(spec, name, component, owner),
+            selector_labels(spec.name, "sessions"), labels(spec.name, "sessions"))
+        children += [Child(api, body) for api, body in zip(store_apis, store)]
+    else:
+        absent += [(api, session_store.store_name(spec.name)) for api in store_apis]
     if spec.autoscaling.enabled:
         children.append(Child(apis.hpa, render_hpa(spec, apis, owner)))
     else:
@@ -403,6 +417,8 @@ def render_children(spec: PensieveSpec, sizing: Sizing, settings: Settings, apis
         children.append(Child(pool, render_inference_pool(spec, pool, owner)))
     elif apis.inference_pool is not None:
         absent.append((apis.inference_pool, n["endpoint"]))
+    notes += session_store.notes(spec.replicas, spec.autoscaling.max_replicas if spec.autoscaling.enabled else None,
+                                 spec.sessions)
     return children, absent, notes
 
 

@@ -13,6 +13,7 @@ import re
 from typing import Any, Mapping
 
 from .quantity import parse_bytes, parse_quantity
+from .sessions import SessionsSpec, parse_sessions
 
 CACHE_MODES = ("pensieve", "gpu-only", "none")
 EVICTIONS = ("retention", "lru")
@@ -27,6 +28,7 @@ RESERVED_ENV = {
     "PENSIEVE_MODEL", "PENSIEVE_PORT", "PENSIEVE_HOST", "PENSIEVE_CPU_CACHE_BYTES",
     "PENSIEVE_GPU_MEMORY_UTILIZATION", "PENSIEVE_CACHE_MODE", "PENSIEVE_BLOCK_SIZE", "PENSIEVE_EVICTION",
     "PENSIEVE_API_KEY",  # spec.auth: from a Secret, never a plain value
+    "PENSIEVE_SESSION_STORE", "PENSIEVE_SESSION_IDLE_TIMEOUT", "PENSIEVE_MAX_SESSIONS_PER_KEY",
 }
 
 
@@ -159,6 +161,7 @@ class PensieveSpec:
     network_policy: NetworkPolicySpec = NetworkPolicySpec()
     inference_pool: InferencePoolSpec = InferencePoolSpec()
     model_cache: ModelCacheSpec = ModelCacheSpec()
+    sessions: SessionsSpec = SessionsSpec()
 
     @property
     def model_dir(self) -> str:
@@ -360,12 +363,14 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
     network_policy = _parse_network_policy(r, spec)
     inference_pool = _parse_inference_pool(r, spec)
     model_cache = _parse_model_cache(r, model, source)
+    sessions = parse_sessions(r, spec, replicas, errors)
     if errors:
         raise SpecError(errors)
     return PensieveSpec(
         name=name, namespace=namespace, replicas=replicas, served_name=served_name, source=source, engine=engine,
         resources=resources, cache=cache, autoscaling=autoscaling, router=router, monitoring=monitoring,
         auth=auth, network_policy=network_policy, inference_pool=inference_pool, model_cache=model_cache,
+        sessions=sessions,
     )
 
 

@@ -86,7 +86,12 @@ class Router:
     async def _startup(self, app: web.Application) -> None:
         if self.client is None:
             self.client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+                # One connection per request (force_close): a pooled keep-alive connection to an
+                # engine that just died can be reused before its close is seen, and the reset then
+                # looks like a failure after sending (502). A fresh connect to a dead engine is
+                # refused before anything is sent, so the session is re-homed. In-cluster connects
+                # cost far less than a model turn.
+                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True, force_close=True),
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         self._update_gauges()
 
@@ -210,7 +215,8 @@ class Router:
                 upstream_cm = self.client.request(request.method, url, headers=headers, data=body or None,
                                                   timeout=timeout, allow_redirects=False)
                 upstream = await upstream_cm.__aenter__()
-            except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionResetError) as e:
+            except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionResetError,
+                    aiohttp.ConnectionTimeoutError) as e:  # nothing was sent: another endpoint may take it
                 self.metrics.upstream_errors.labels(endpoint, "connect").inc()
                 self.endpoints.eject(endpoint)
                 raise Refused("connect", str(e)) from None

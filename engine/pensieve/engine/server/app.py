@@ -14,10 +14,14 @@ two in agreement):
 Sessions. ``"session_mode": "full"`` (default): the client sends the whole
 conversation each turn and the engine reuses the cached prefix that matches.
 ``"session_mode": "append"``: the client sends only the new messages; the
-server keeps the conversation (messages and replies) and renders all of it
-through the chat template. Turns of one session are sequential: a second
-request while one is in flight gets 409 ``session_busy``. A session belongs to
-the API key that created it; other keys get 404, as if it did not exist.
+server renders the stored transcript plus them through the chat template.
+Every finished turn is saved in the session store (conversations.py); the KV
+cache only speeds turns up, and a turn whose KV this engine lacks recomputes
+the stored conversation (``usage.prompt_tokens_details.recomputed_tokens``).
+Turns of one session are sequential: a second request while one is in flight
+gets 409 ``session_busy``. A session is named by (API key, id): another key's
+id is an unused id in this key's namespace. DELETE ends a running turn at once
+(409 ``session_deleted`` to its request, or that error event in its stream).
 
 Status codes: 400 bad input (also a context too long: code
 ``context_length_exceeded``; a prompt the tokenizer or the chat template
@@ -49,27 +53,22 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..errors import UnknownSessionError
+from ..request import SessionKey
 from . import memory
 from .config import ServerConfig
+from .conversations import Conversations, Turn, session_deleted
 from .logsafe import clean
 from .metrics import ServerMetrics
 from .protocol import (APIError, GenerationRequest, bad, check_session_id, from_engine_error, parse_chat,
                        parse_completion, parse_json_body, session_not_found)
 from .snapshot import cache_config_labels
+from .store import default_store_url, open_store
 from .worker import EngineWorker
 
 log = logging.getLogger("pensieve.server")
 
 TOKENIZER_THREADS = min(4, os.cpu_count() or 1)
-
-
-class _History:
-    """A session's conversation held by the server (append mode)."""
-
-    __slots__ = ("owner", "messages")
-
-    def __init__(self, owner: str | None, messages: list[dict]):
-        self.owner, self.messages = owner, messages
 
 
 class PensieveServer:
@@ -78,12 +77,13 @@ class PensieveServer:
         self.config = config
         self.loop = loop or asyncio.get_running_loop()
         self.worker = EngineWorker(engine, self.loop, config.max_waiting_requests)
-        self.worker.on_sessions_expired = self._forget_histories
         self.metrics = ServerMetrics(lambda: self.worker.snapshot, cache_config_labels(engine))
         self.model_names = {engine.served_model_name, engine.config.model}
         self._keys = {k.encode(): _owner_of(k) for k in config.api_key}
-        self.histories: dict[str, _History] = {}
         self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="pensieve-tokenize")
+        store = open_store(config.session_store or default_store_url(engine.served_model_name),
+                           engine.config.session_idle_timeout, config.max_sessions_per_key)
+        self.conversations = Conversations(store)
         self.inflight: set[str] = set()
         self.draining = False
         self.drained = asyncio.Event()
@@ -105,10 +105,18 @@ class PensieveServer:
         app.router.add_get("/debug/state", self.debug_state)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
+        app.on_cleanup.append(self._on_cleanup)
         return app
 
     async def _on_startup(self, app) -> None:
         self.worker.start()
+        await self.conversations.start()
+        log.info("session store: %s (idle TTL %ss, at most %s sessions per key)",
+                 self.conversations.store.describe(), self.conversations.store.ttl or "none",
+                 self.conversations.store.max_per_owner or "any number of")
+
+    async def _on_cleanup(self, app) -> None:
+        await self.conversations.close()
 
     async def _on_shutdown(self, app) -> None:
         for rid in list(self.inflight):
@@ -208,7 +216,8 @@ class PensieveServer:
     async def debug_state(self, request: web.Request) -> web.Response:
         snap = self.worker.snapshot.as_dict()
         snap["server"] = {"inflight": len(self.inflight), "inbox": self.worker.inbox_size,
-                          "draining": self.draining, "histories": len(self.histories)}
+                          "draining": self.draining,
+                          "running_turns": len(self.conversations.running)}
         return web.json_response(snap)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -222,42 +231,63 @@ class PensieveServer:
         return check_session_id(request.match_info["session_id"], self.config.max_session_id_len)
 
     async def get_session(self, request: web.Request) -> web.Response:
+        """The stored record (transcript included) and what this engine caches of it. 404 when
+        neither exists: another key's session of this id is indistinguishable from an unused id."""
         sid = self._path_session(request)
-        owner = request["owner"]
+        key = SessionKey(request["owner"], sid)
 
         def read(engine):
-            s = engine.get_session(sid, owner)
-            return {"id": s.session_id, "object": "session", "num_turns": s.num_turns, "cached_tokens": s.num_cached,
-                    "cached_blocks": len(s.block_ids), "active": s.active_request is not None,
+            try:
+                s = engine.get_session(key)
+            except UnknownSessionError:
+                return None
+            return {"num_turns": s.num_turns, "cached_tokens": s.num_cached, "cached_blocks": len(s.block_ids),
+                    "active": s.active_request is not None,
                     "idle_seconds": round(max(0.0, time.monotonic() - s.last_active), 3)}
 
-        try:
-            info = await self.worker.call(read)
-        except Exception as e:
-            raise from_engine_error(e, sid) from None
-        hist = self.histories.get(sid)
-        info["num_messages"] = len(hist.messages) if hist is not None and hist.owner == owner else 0
+        cached = await self.worker.call(read)
+        record = await self.conversations.get(*key)
+        running = key in self.conversations.running
+        if record is None and cached is None and not running:
+            raise session_not_found(sid)
+        ttl = self.conversations.store.ttl
+        info = {"id": sid, "object": "session",
+                "num_turns": record.num_turns if record else 0,
+                "num_messages": len(record.messages) if record else 0,
+                "messages": record.messages if record else [],
+                "context_tokens": len(record.token_ids) if record else 0,
+                "created": record.created if record else None,
+                "updated": record.updated if record else None,
+                "expires_at": record.updated + ttl if record and ttl > 0 else None,
+                "active": running,
+                "cached_tokens": cached["cached_tokens"] if cached else 0,
+                "cached_blocks": cached["cached_blocks"] if cached else 0,
+                "idle_seconds": cached["idle_seconds"] if cached else None}
         return web.json_response(info, headers={"X-Session-ID": sid})
 
     async def delete_session(self, request: web.Request) -> web.Response:
+        """Forget the session everywhere: a running turn ends now, the cache and the record go."""
         sid = self._path_session(request)
-        owner = request["owner"]
+        key = SessionKey(request["owner"], sid)
+        turn = self.conversations.end_running(key)
+        if turn is not None and turn.request_id is not None:
+            self.worker.abort(turn.request_id, keep_stream=True)  # its handler answers session_deleted
 
-        try:
-            await self.worker.call(lambda engine: engine.delete_session(sid, owner))
-        except Exception as e:
-            raise from_engine_error(e, sid) from None
-        hist = self.histories.get(sid)
-        if hist is not None and hist.owner == owner:
-            del self.histories[sid]
-        return web.json_response({"id": sid, "object": "session", "deleted": True})
+        def drop(engine) -> bool:
+            try:
+                engine.delete_session(key)
+            except UnknownSessionError:
+                return False
+            return True
+
+        cached = await self.worker.call(drop)
+        stored = await self.conversations.delete(*key)
+        if not (cached or stored or turn is not None):
+            raise session_not_found(sid)
+        return web.json_response({"id": sid, "object": "session", "deleted": True,
+                                  "ended_running_turn": turn is not None})
 
     # ------------------------------------------------------------------ generation
-    def _forget_histories(self, session_ids: list[str]) -> None:
-        """The engine expired these idle sessions: drop their append-mode histories too."""
-        for sid in session_ids:
-            self.histories.pop(sid, None)
-
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_json(request)
         return await self._generate(request, parse_chat(body, self.config))
@@ -320,34 +350,49 @@ class PensieveServer:
             raise bad("session_mode 'append' needs a session (X-Session-ID header or session_id)", "session_mode",
                       "missing_required_parameter")
 
+        turn = await self.conversations.begin(owner, sid) if sid is not None else None
+        try:
+            return await self._run_turn(request, greq, sid, owner, turn, t_arrival)
+        finally:
+            if turn is not None:
+                self.conversations.end(turn)
+
+    async def _run_turn(self, request: web.Request, greq: GenerationRequest, sid: str | None, owner: str | None,
+                        turn: Turn | None, t_arrival: float) -> web.StreamResponse:
+        lg = request["log"]
+        record = turn.record if turn is not None else None
         messages = greq.messages
         if greq.kind == "chat" and greq.session_mode == "append":
-            hist = self.histories.get(sid)
-            if hist is not None and hist.owner != owner:
-                raise session_not_found(sid)
-            messages = (list(hist.messages) if hist is not None else []) + greq.messages
+            messages = (list(record.messages) if record is not None else []) + greq.messages
+        if turn is not None and turn.deleted:  # deleted while its record was being read
+            raise session_deleted(sid)
+        history = record.token_ids if record is not None else None
         params = greq.params
 
         rid = ("chatcmpl-" if greq.kind == "chat" else "cmpl-") + request["rid"]
         lg["id"] = rid
         self.inflight.add(rid)
         self._idle.clear()
+        if turn is not None:
+            turn.request_id = rid
         finished = False
         try:
             prompt_ids = await self._encode(messages, greq.prompt)
-            fut, queue = self.worker.add(rid, lambda engine: (prompt_ids, params), sid, owner)
+            fut, queue = self.worker.add(rid, lambda engine: (prompt_ids, params), sid, owner, history)
             try:
-                num_prompt = await fut
+                num_prompt, prompt_ids = await fut
             except Exception as e:
                 raise from_engine_error(e, sid) from None
             lg["prompt"] = num_prompt
-            ctx = _Gen(self, greq, rid, sid, owner, t_arrival, messages)
+            if turn is not None:
+                turn.prompt_ids = prompt_ids
+            ctx = _Gen(self, greq, rid, sid, owner, t_arrival, messages, turn)
             if greq.stream:
                 resp = await ctx.stream(request, queue)
             else:
                 resp = await ctx.collect(queue)
             finished = ctx.finished
-            lg.update(cached=ctx.cached, gen=ctx.num_output, finish=ctx.finish_reason,
+            lg.update(cached=ctx.cached, recomputed=ctx.recomputed, gen=ctx.num_output, finish=ctx.finish_reason,
                       ttft=f"{ctx.ttft:.3f}" if ctx.ttft is not None else "-")
             return resp
         finally:
@@ -387,8 +432,10 @@ class _Gen:
     """One generation's bookkeeping: response shapes, metrics, session history."""
 
     def __init__(self, server: PensieveServer, greq: GenerationRequest, rid: str, sid: str | None,
-                 owner: str | None, t_arrival: float, messages: list[dict] | None):
+                 owner: str | None, t_arrival: float, messages: list[dict] | None, turn: Turn | None):
         self.server, self.greq, self.rid, self.sid, self.owner = server, greq, rid, sid, owner
+        self.turn = turn
+        self.token_ids: list[int] = []  # generated so far
         self.t_arrival = t_arrival
         self.messages = messages
         self.t_last: float | None = None
@@ -400,6 +447,7 @@ class _Gen:
         self.num_prompt = 0
         self.cached = 0
         self.sources: dict[str, int] = {}
+        self.recomputed = 0
         self.num_output = 0
         self.created = int(time.time())
         self.model = server.engine.served_model_name
@@ -432,31 +480,39 @@ class _Gen:
                     m.itl.observe(gap)
             self.t_last = now
         self.text.append(out.new_text)
+        self.token_ids.extend(out.new_token_ids)
         self.num_prompt, self.cached, self.num_output = out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens
         self.sources = out.context_sources
+        self.recomputed = out.num_recomputed_tokens
         if out.finished:
             self.finished = True
             self.finish_reason = out.finish_reason
             m.latency.observe(now - self.t_arrival)
             m.count_outcome(out.finish_reason or "stop")
-            self._remember()
+            if out.finish_reason == "abort" and self.turn is not None and self.turn.deleted:
+                raise session_deleted(self.sid)
 
-    def _remember(self) -> None:
-        """Keep the conversation for append-mode turns (also after full-history turns)."""
-        if not self.chat or self.sid is None or self.finish_reason == "abort":
+    async def _save(self) -> None:
+        """Save the finished turn in the session store (before the client sees the end of it, so a
+        next turn, on any engine, finds it). The transcript records chat turns of either mode."""
+        turn = self.turn
+        if turn is None or not self.finished or self.finish_reason == "abort":
             return
-        self.server.histories[self.sid] = _History(
-            self.owner, list(self.messages) + [{"role": "assistant", "content": "".join(self.text)}])
+        messages = None
+        if self.chat:
+            messages = list(self.messages) + [{"role": "assistant", "content": "".join(self.text)}]
+        await self.server.conversations.commit(turn, turn.prompt_ids + self.token_ids, messages)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.num_prompt, "completion_tokens": self.num_output,
                 "total_tokens": self.num_prompt + self.num_output,
-                "prompt_tokens_details": {"cached_tokens": self.cached,
+                "prompt_tokens_details": {"cached_tokens": self.cached, "recomputed_tokens": self.recomputed,
                                           "context_sources": dict(self.sources or {})}}
 
     async def collect(self, queue: asyncio.Queue) -> web.Response:
         while not self.finished:
             self._take(await queue.get())
+        await self._save()
         text = "".join(self.text)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -508,6 +564,13 @@ class _Gen:
                     chunk = self._chunk(item.new_text if item.new_text else None, item.finish_reason)
                     if item.finished and self.greq.include_usage is False:
                         chunk["usage"] = self.usage()  # harmless extension; clients that asked get the OpenAI shape too
+                    if item.finished:
+                        try:
+                            await self._save()
+                        except APIError as e:  # the turn was not saved: say so instead of a clean end
+                            await send(chunk)
+                            await send(e.body())
+                            break
                     await send(chunk)
             if self.finished and self.greq.include_usage:
                 usage_chunk = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..config import opt
 from ..errors import InvalidRequestError
+from .store.factory import check_store_url
 
 
 @dataclass
@@ -28,6 +29,10 @@ class ServerConfig:
     body_timeout: float = opt(60.0, "seconds a request gets to deliver its whole body (408 and the connection "
                                     "closed beyond)")
     max_connections: int = opt(1024, "most open client connections; one more is answered 503 and closed")
+    session_store: str | None = opt(None, "where conversations are kept: sqlite:///PATH (default: a file under "
+                                          "~/.cache/pensieve) or redis://HOST:PORT/DB (shared by all engines)")
+    max_sessions_per_key: int = opt(1000, "sessions one API key may hold in the store (0: no bound); a new "
+                                          "session beyond it gets 429 too_many_sessions")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -45,4 +50,8 @@ class ServerConfig:
                 raise InvalidRequestError(f"{name} must be > 0 seconds", name)
         if self.max_connections < 1:
             raise InvalidRequestError("max_connections must be >= 1", "max_connections")
+        if self.session_store:
+            check_store_url(self.session_store)
+        if self.max_sessions_per_key < 0:
+            raise InvalidRequestError("max_sessions_per_key must be >= 0", "max_sessions_per_key")
         self.api_key = [k for k in (self.api_key or []) if k]

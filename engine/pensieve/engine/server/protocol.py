@@ -51,8 +51,6 @@ def from_engine_error(e: BaseException, session_id: str | None = None) -> APIErr
     if isinstance(e, ContextLengthExceededError):
         return APIError(400, e.message, param=e.param or "messages", code="context_length_exceeded")
     if isinstance(e, InvalidRequestError):
-        if e.code == "session_forbidden":  # do not reveal that another key's session exists
-            return session_not_found(session_id or "")
         return APIError(400, e.message, param=e.param, code=e.code)
     if isinstance(e, UnknownSessionError):
         return session_not_found(e.session_id)

@@ -27,8 +27,6 @@ EXPIRY_INTERVAL = 1.0  # seconds between checks for idle sessions to forget
 
 
 class EngineWorker:
-    on_sessions_expired: Callable[[list[str]], None] | None = None  # called on the event loop
-
     def __init__(self, engine, loop: asyncio.AbstractEventLoop, max_waiting_requests: int):
         self.engine = engine
         self.loop = loop
@@ -65,15 +63,17 @@ class EngineWorker:
         return fut
 
     def add(self, request_id: str, build: Callable[[Any], tuple], session_id: str | None,
-            owner: str | None) -> tuple[asyncio.Future, asyncio.Queue]:
+            owner: str | None, history: list[int] | None = None) -> tuple[asyncio.Future, asyncio.Queue]:
         """Queue a request. ``build(engine)`` runs on the engine thread and returns
         ``(prompt, SamplingParams)``; it must be cheap (the server passes token ids, tokenized
         beforehand in its own pool, so no prompt ever delays a step).
-        Returns a future (the prompt's token count, or the error) and the queue of its outputs."""
+        ``history``: the session's token history from the session store (see LLMEngine.add_request).
+        Returns a future (``(prompt token count, prompt token ids)``, or the error) and the queue
+        of its outputs."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         fut = self.loop.create_future()
-        self._post(("add", request_id, build, session_id, owner, fut))
+        self._post(("add", request_id, build, session_id, owner, history, fut))
         return fut, queue
 
     def abort(self, request_id: str, keep_stream: bool = False) -> None:
@@ -116,9 +116,7 @@ class EngineWorker:
             worked = self._drain_inbox()
             if time.monotonic() >= next_expiry:
                 next_expiry = time.monotonic() + EXPIRY_INTERVAL
-                expired = engine.expire_idle_sessions()
-                if expired and self.on_sessions_expired is not None:
-                    self.loop.call_soon_threadsafe(self.on_sessions_expired, expired)
+                engine.expire_idle_sessions()  # their KV only: the session store keeps the records
             if engine.has_unfinished():
                 try:
                     outputs = engine.step()
@@ -155,13 +153,15 @@ class EngineWorker:
             worked = True
             kind = cmd[0]
             if kind == "add":
-                _, rid, build, session_id, owner, fut = cmd
+                _, rid, build, session_id, owner, history, fut = cmd
                 try:
                     if len(engine.scheduler.waiting) >= self.max_waiting_requests:
                         raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
                     prompt, params = build(engine)
-                    engine.add_request(prompt, params, request_id=rid, session_id=session_id, owner=owner)
-                    n_prompt = engine.requests[rid].num_prompt_tokens
+                    engine.add_request(prompt, params, request_id=rid, session_id=session_id, owner=owner,
+                                       history=history)
+                    req = engine.requests[rid]
+                    n_prompt = (req.num_prompt_tokens, req.token_ids[:req.num_prompt_tokens])
                 except PensieveError as e:
                     self.loop.call_soon_threadsafe(self._resolve, fut, None, e)
                 except Exception as e:
