@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from kubernetes import client
 
-from conftest import wait_for
+from conftest import SAMPLE_API_KEYS, wait_for
 from test_operator_cluster import SAMPLE, child_set, create_pdep, wait_ready
 from test_router_cluster import ROUTER_SEL, ready_engine_pods, router_ready
 
@@ -28,7 +28,8 @@ def turn(base: str, sid: str, content: str) -> tuple[dict, str]:
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 5, "temperature": 0,
             "session_mode": "append"}
     req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", "X-Session-ID": sid})
+                                 headers={"Content-Type": "application/json", "X-Session-ID": sid,
+                                          "Authorization": f"Bearer {SAMPLE_API_KEYS[0]}"})  # the sample uses spec.auth
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read()), r.headers["X-Pensieve-Endpoint"]

@@ -95,3 +95,14 @@ def test_the_three_configs_load_through_the_one_loader(calls, monkeypatch):
 
     assert calls == [("EngineConfig", "PENSIEVE_"), ("ServerConfig", "PENSIEVE_"),
                      ("RouterConfig", "PENSIEVE_ROUTER_"), ("Settings", "PENSIEVE_OPERATOR_")]
+
+
+def test_every_cli_prints_its_help():
+    """Help texts go through argparse's %-formatting: a stray % would crash --help."""
+    import subprocess
+    import sys
+
+    for argv in (["-m", "pensieve.engine", "serve", "--help"], ["-m", "pensieve.router", "--help"]):
+        out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "--" in out.stdout

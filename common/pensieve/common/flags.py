@@ -83,7 +83,9 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str) -> None:
         names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         default = f.default if f.default is not dataclasses.MISSING else "[]"
         kw: dict = {"dest": f.name, "default": None,
-                    "help": f"{f.metadata.get('help', '')} [env {env_name(prefix, f.name)}, default {default!r}]"}
+                    # argparse formats help with %: a literal % in a field's help must be doubled
+                    "help": f"{f.metadata.get('help', '')} [env {env_name(prefix, f.name)}, default {default!r}]"
+                    .replace("%", "%%")}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if _is_sequence(tp):
