@@ -49,9 +49,9 @@ import harness  # noqa: E402
 DATASETS = {  # turns per session, input tokens per turn, output tokens per turn (means)
     "sharegpt": (5.56, 37.8, 204.6),
     "ultrachat": (3.86, 51.8, 257.8),
-    # long conversations (documents pasted turn after turn): with --min-turns 6 --max-turns 14 and inputs
+    # long conversations (documents pasted turn after turn): with --min-turns 4 --max-turns 10 and inputs
     # clipped to 4096, histories reach 8k to 32k tokens (bench/multiturn_sweep.py's "long" variant)
-    "long": (9.0, 1800.0, 260.0),
+    "long": (6.0, 3000.0, 260.0),
 }
 WORDS = ("the a cache keeps each conversation between turns so new tokens only are computed memory gpu cpu tier "
          "block chunk session history model serve request prompt answer question user assistant hello world chat "

@@ -18,19 +18,25 @@ mode the same sessions. A point ends when its sessions are done or at
 are cut (counted, not measured).
 
 Tier sizing (one size for every rate, so that pressure grows with the rate).
-A conversation holds its context H_j (tokens after turn j) while turn j+1 is
-generated and during the think time before it, so its time-integral of held
-context is  I = sum_j H_j * (out_{j+1} * tpot + think_{j+1})  (tpot: an assumed
-seconds per output token under load). By Little's law the expected live
-context at rate r is  live(r) = r * mean(I)  over the planned sessions. With
-r_ref the sweep's highest rate:
+A conversation holds its context H_j (tokens after turn j) during the think
+time before turn j+1 and H_j + in_{j+1} + out_{j+1}/2 on average while turn
+j+1 is generated (out * tpot seconds; tpot: an assumed seconds per output token
+under load). Laying the planned sessions of the top rate r_ref on that timeline
+gives live(t), the context held at time t, and active(t), the part held by
+turns being generated; live and active below are their averages over the
+measured part of a point, [window / 2, window + drain] (a point is too short
+for the steady state of long think times, so the average is taken over what
+the point actually runs):
 
-    num_gpu_blocks = ceil(max(live(r_ref) / pressure, 1.5 * active(r_ref), 2 * longest turn) / block_size)
-    num_cpu_blocks = ceil(cpu_share * live(r_ref) / block_size)
+    num_gpu_blocks = ceil(max(live / pressure, active, longest turn) / block_size)
+    num_cpu_blocks = ceil(min(cpu_share * live, max_cpu_bytes / kv_bytes_per_token) / block_size)
 
 pressure = 4 (live conversations need 4x the GPU tier), cpu_share = 0.9 (the
 CPU tier holds most of them); active(r) is the part of live(r) held by turns
-being generated (they must fit on the GPU), the longest turn must fit twice.
+being generated (running requests' KV must be on the GPU: when it exceeds
+live/pressure, ``bound_by`` says so and the pressure is lower), the longest
+turn must fit. Throughput is the server's generated tokens (from
+/metrics, cut turns included) over the point's duration.
 The figures of each point are in the JSON; each mode gets ``capacity_at_slo``
 (see ``capacity_at_slo``).
 """
@@ -64,10 +70,10 @@ class Variant:
     dataset: str
     rates: tuple[float, ...]
     shape: str = "llama3-8b"
-    window: float = 24.0          # seconds of arrivals per point
-    drain: float = 36.0           # more seconds for the sessions to finish, then the point is cut
+    window: float = 36.0          # seconds of arrivals per point
+    drain: float = 30.0           # more seconds for the sessions to finish, then the point is cut
     think_time: float = 30.0      # mean, before time_scale
-    time_scale: float = 0.25
+    time_scale: float = 0.7       # think time 21 s: most held context is idle
     min_turns: int = 1
     max_turns: int = 32
     max_input_tokens: int = 1024
@@ -80,8 +86,8 @@ class Variant:
 VARIANTS = {
     "sharegpt": Variant("sharegpt", (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
     "ultrachat": Variant("ultrachat", (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
-    "long": Variant("long", (0.1, 0.2, 0.3, 0.45, 0.6, 0.8), shape="llama3-8b-32k", window=30.0, drain=40.0,
-                    time_scale=0.2, min_turns=6, max_turns=14, max_input_tokens=4096, max_output_tokens=512,
+    "long": Variant("long", (0.1, 0.2, 0.3, 0.45, 0.6, 0.8), shape="llama3-8b-32k", window=24.0, drain=60.0,
+                    time_scale=0.2, min_turns=4, max_turns=10, max_input_tokens=4096, max_output_tokens=512,
                     max_model_len=32768),
     # CPU plumbing check: the tiny random checkpoint, seconds per point
     "smoke": Variant("sharegpt", (2.0, 4.0, 8.0), shape="tiny", window=0.6, drain=6.0, think_time=0.2,
@@ -93,24 +99,34 @@ VARIANTS = {
 # ----------------------------------------------------------------------------- sizing
 def workload_args(v: Variant, rate: float, seed: int) -> argparse.Namespace:
     sessions = max(1, round(rate * v.window))
-    return argparse.Namespace(dataset=v.dataset, sessions=sessions, rate=rate, think_time=v.think_time,
+    # make_workload stretches arrival gaps by time_scale too: ask for rate * time_scale so that sessions
+    # arrive at ``rate`` per second of wall time while think times are scaled
+    return argparse.Namespace(dataset=v.dataset, sessions=sessions, rate=rate * v.time_scale, think_time=v.think_time,
                               time_scale=v.time_scale, min_turns=v.min_turns, max_turns=v.max_turns,
                               max_input_tokens=v.max_input_tokens, max_output_tokens=v.max_output_tokens, seed=seed)
 
 
-def held_context(plan: mt.SessionPlan, tpot: float) -> tuple[float, float, int]:
-    """(token-seconds held while generating, while thinking, the longest turn's prompt + output) of one
-    session, the prompt counted as the whole conversation so far (what the cache must hold)."""
+def held_context(plan: mt.SessionPlan, tpot: float, t_lo: float, t_hi: float) -> tuple[float, float, int]:
+    """(token-seconds held while generating, while thinking, within [t_lo, t_hi]; the longest turn's
+    prompt + output) of one session. A turn's prompt is the whole conversation so far (what the cache
+    must hold); while it generates it holds that plus half its output on average."""
     active = idle = 0.0
     history = longest = 0
+    t = plan.arrival
     for j, turn in enumerate(plan.turns):
         if j:
-            idle += history * turn.think_time
-        history += turn.input_tokens
-        active += (history + turn.output_tokens / 2) * turn.output_tokens * tpot
-        history += turn.output_tokens
+            idle += history * _overlap(t, t + turn.think_time, t_lo, t_hi)
+            t += turn.think_time
+        gen = turn.output_tokens * tpot
+        active += (history + turn.input_tokens + turn.output_tokens / 2) * _overlap(t, t + gen, t_lo, t_hi)
+        t += gen
+        history += turn.input_tokens + turn.output_tokens
         longest = max(longest, history)
     return active, idle, longest
+
+
+def _overlap(a: float, b: float, lo: float, hi: float) -> float:
+    return max(0.0, min(b, hi) - max(a, lo))
 
 
 @dataclass
@@ -125,22 +141,25 @@ class Sizing:
     num_gpu_blocks: int = 0
     num_cpu_blocks: int = 0
     bound_by: str = "pressure"
+    effective_pressure: float = 0.0  # live_tokens over the GPU tier's tokens
 
 
-def tier_sizes(plans: list[mt.SessionPlan], rate: float, tpot: float, block_size: int, pressure: float = 4.0,
-               cpu_share: float = 0.9) -> Sizing:
-    """Tier sizes from the expected live context at ``rate`` (the module docstring's formula)."""
-    if not plans or rate <= 0 or block_size <= 0 or pressure <= 0:
-        raise ValueError("tier_sizes needs sessions, a positive rate, block size and pressure")
-    held = [held_context(p, tpot) for p in plans]
-    active = rate * sum(a for a, _, _ in held) / len(held)
-    live = active + rate * sum(i for _, i, _ in held) / len(held)
+def tier_sizes(plans: list[mt.SessionPlan], rate: float, tpot: float, block_size: int, t_lo: float, t_hi: float,
+               pressure: float = 4.0, cpu_share: float = 0.9, max_cpu_tokens: float = math.inf) -> Sizing:
+    """Tier sizes from the expected live context of ``plans`` (made at ``rate``), averaged over
+    [t_lo, t_hi] seconds of the point (the module docstring's formula)."""
+    if not plans or rate <= 0 or block_size <= 0 or pressure <= 0 or t_hi <= t_lo:
+        raise ValueError("tier_sizes needs sessions, a positive rate, block size and pressure, and t_lo < t_hi")
+    held = [held_context(p, tpot, t_lo, t_hi) for p in plans]
+    active = sum(a for a, _, _ in held) / (t_hi - t_lo)
+    live = active + sum(i for _, i, _ in held) / (t_hi - t_lo)
     longest = max(n for _, _, n in held)
     s = Sizing(rate, live, active, longest, block_size, pressure, cpu_share)
-    floors = {"pressure": live / pressure, "active": 1.5 * active, "longest_turn": 2.0 * longest}
+    floors = {"pressure": live / pressure, "active": active, "longest_turn": float(longest)}
     s.bound_by = max(floors, key=floors.get)
     s.num_gpu_blocks = math.ceil(floors[s.bound_by] / block_size)
-    s.num_cpu_blocks = math.ceil(cpu_share * live / block_size)
+    s.num_cpu_blocks = math.ceil(min(cpu_share * live, max_cpu_tokens) / block_size)
+    s.effective_pressure = live / (s.num_gpu_blocks * block_size)
     return s
 
 
@@ -232,7 +251,8 @@ def point_figures(rate: float, plans, results: list[mt.TurnResult], duration: fl
         "turns_ok": len(ok), "turns_failed": sum(1 for r in results if not r.ok),
         "turns_cut": planned - len(results) - _never_sent(plans, results),
         "failed_fraction": (planned - len(ok) - _never_sent(plans, results)) / planned if planned else 0.0,
-        "output_tokens_per_s": sum(r.output_tokens for r in ok) / duration,
+        "output_tokens_per_s": delta.get("pensieve_generation_tokens_total", 0.0) / duration,
+        "completed_output_tokens_per_s": sum(r.output_tokens for r in ok) / duration,
         "requests_per_s": len(ok) / duration,
         "normalized_latency_s_per_token": norm, "ttft_s": ttft,
         "normalized_latency_p90": norm.get("p90", math.nan), "ttft_p90": ttft.get("p90", math.nan),
@@ -265,6 +285,16 @@ def model_folder(v: Variant, workdir: str) -> str:
     return shape_checkpoint(v.shape, workdir)
 
 
+def kv_bytes_per_token(v: Variant) -> int:
+    """K and V of every layer in bf16 (the shapes' dtype on the GPU); the tiny checkpoint is small anyway."""
+    if v.shape == "tiny":
+        return 2 * 2 * 2 * 64 * 4
+    from shapes import SHAPES
+
+    c = SHAPES[v.shape]
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]) * 2
+
+
 def server_args(v: Variant, mode: str, sizing: Sizing) -> str:
     args = f"{v.server_args} --block-size {sizing.block_size} --num-gpu-blocks {sizing.num_gpu_blocks}"
     if mode == "pensieve":
@@ -280,7 +310,7 @@ def run_part(args) -> dict:
     block_size = 16 if args.smoke else args.block_size
     ref = max(v.rates)
     sizing = tier_sizes(mt.make_workload(workload_args(v, ref, args.seed)), ref, v.tpot, block_size,
-                        args.pressure, args.cpu_share)
+                        v.window / 2, v.window + v.drain, args.pressure, args.cpu_share, args.max_cpu_gib * 2**30 / kv_bytes_per_token(v))
     print(f"sizing at {ref}/s: live {sizing.live_tokens:.0f} tokens (active {sizing.active_tokens:.0f}), "
           f"{sizing.num_gpu_blocks} GPU blocks ({sizing.bound_by}), {sizing.num_cpu_blocks} CPU blocks", flush=True)
     model = model_folder(v, args.workdir)
@@ -444,6 +474,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--pressure", type=float, default=4.0, help="live context over the GPU tier at the top rate")
     ap.add_argument("--cpu-share", type=float, default=0.9, help="CPU tier over live context at the top rate")
+    ap.add_argument("--max-cpu-gib", type=float, default=64.0, help="cap of the CPU tier (host memory)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-dir", default="/tmp/pensieve-sweep-logs")
     ap.add_argument("--startup-timeout", type=float, default=600.0)

@@ -53,17 +53,21 @@ def test_capacity_zero_when_the_lowest_rate_fails_and_failed_turns_count():
 
 
 def test_tier_sizes_follow_the_formula():
-    plan = mt.SessionPlan("s", 0.0, [mt.Turn(100, 50, 0.0), mt.Turn(20, 30, 10.0)])
-    active, idle, longest = sw.held_context(plan, tpot=0.1)
-    # turn 1: prompt 100, output 50 -> (100 + 25) * 50 * 0.1; think 10 s holding 150; turn 2: (170 + 15) * 30 * 0.1
-    assert active == pytest.approx(125 * 5 + 185 * 3) and idle == pytest.approx(1500) and longest == 200
-    s = sw.tier_sizes([plan], rate=2.0, tpot=0.1, block_size=16, pressure=4.0, cpu_share=0.9)
-    live = 2.0 * (active + idle)
-    assert s.live_tokens == pytest.approx(live)
-    assert s.num_gpu_blocks == math.ceil(max(live / 4, 1.5 * 2.0 * active, 400) / 16)
+    # arrives at 1 s; turn 1 generates 50 tokens (5 s), thinks 10 s, turn 2 generates 30 tokens (3 s)
+    plan = mt.SessionPlan("s", 1.0, [mt.Turn(100, 50, 0.0), mt.Turn(20, 30, 10.0)])
+    active, idle, longest = sw.held_context(plan, tpot=0.1, t_lo=0.0, t_hi=100.0)
+    assert active == pytest.approx(125 * 5 + 185 * 3) and idle == pytest.approx(150 * 10) and longest == 200
+    # only [4, 17]: 2 s of turn 1, the 10 s think, 1 s of turn 2
+    active, idle, _ = sw.held_context(plan, tpot=0.1, t_lo=4.0, t_hi=17.0)
+    assert active == pytest.approx(125 * 2 + 185 * 1) and idle == pytest.approx(150 * 10)
+    s = sw.tier_sizes([plan], rate=2.0, tpot=0.1, block_size=16, t_lo=4.0, t_hi=17.0, pressure=4.0, cpu_share=0.9)
+    live, act = (435 + 1500) / 13, 435 / 13
+    assert s.live_tokens == pytest.approx(live) and s.active_tokens == pytest.approx(act)
+    assert s.num_gpu_blocks == math.ceil(max(live / 4, act, 200) / 16) and s.bound_by == "longest_turn"
     assert s.num_cpu_blocks == math.ceil(0.9 * live / 16)
+    assert sw.tier_sizes([plan], 2.0, 0.1, 16, 4.0, 17.0, max_cpu_tokens=32).num_cpu_blocks == 2
     with pytest.raises(ValueError):
-        sw.tier_sizes([], 1.0, 0.1, 16)
+        sw.tier_sizes([], 1.0, 0.1, 16, 0.0, 1.0)
 
 
 def _part(mode, rates, sizing=None):
