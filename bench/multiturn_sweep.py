@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -92,7 +93,7 @@ VARIANTS = {
     # CPU plumbing check: the tiny random checkpoint, seconds per point
     "smoke": Variant("sharegpt", (2.0, 4.0, 8.0), shape="tiny", window=0.6, drain=6.0, think_time=0.2,
                      time_scale=1.0, max_turns=3, max_input_tokens=24, max_output_tokens=6, tpot=0.01,
-                     server_args="--device cpu --max-num-seqs 16 --block-size 16"),
+                     server_args="--device cpu --max-num-seqs 16"),
 }
 
 
@@ -142,19 +143,42 @@ class Sizing:
     num_cpu_blocks: int = 0
     bound_by: str = "pressure"
     effective_pressure: float = 0.0  # live_tokens over the GPU tier's tokens
+    token_factor: float = 1.0
+
+
+def measure_token_factor(model: str, plans: list[mt.SessionPlan], seed: int) -> float:
+    """The server's prompt tokens per planned token: the longest planned conversation, with the load
+    generator's words, through the checkpoint's chat template and tokenizer (replies: as many words
+    as planned output tokens)."""
+    import random
+
+    from pensieve.engine.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(model)
+    plan = max(plans, key=lambda p: sum(t.input_tokens + t.output_tokens for t in p.turns))
+    rng = random.Random(f"{seed}-{plan.session_id}")
+    messages: list[dict] = []
+    for t in plan.turns:
+        messages += [{"role": "user", "content": mt._text(rng, t.input_tokens)},
+                     {"role": "assistant", "content": mt._text(rng, t.output_tokens)}]
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    n = len(tok(rendered, add_special_tokens=False)["input_ids"])
+    return max(1.0, n / sum(t.input_tokens + t.output_tokens for t in plan.turns))
 
 
 def tier_sizes(plans: list[mt.SessionPlan], rate: float, tpot: float, block_size: int, t_lo: float, t_hi: float,
-               pressure: float = 4.0, cpu_share: float = 0.9, max_cpu_tokens: float = math.inf) -> Sizing:
+               pressure: float = 4.0, cpu_share: float = 0.9, max_cpu_tokens: float = math.inf,
+               token_factor: float = 1.0) -> Sizing:
     """Tier sizes from the expected live context of ``plans`` (made at ``rate``), averaged over
-    [t_lo, t_hi] seconds of the point (the module docstring's formula)."""
+    [t_lo, t_hi] seconds of the point (the module docstring's formula). ``token_factor``: the server's
+    tokens per planned token (chat template and tokenizer, see ``measure_token_factor``)."""
     if not plans or rate <= 0 or block_size <= 0 or pressure <= 0 or t_hi <= t_lo:
         raise ValueError("tier_sizes needs sessions, a positive rate, block size and pressure, and t_lo < t_hi")
-    held = [held_context(p, tpot, t_lo, t_hi) for p in plans]
+    held = [tuple(token_factor * x for x in held_context(p, tpot, t_lo, t_hi)) for p in plans]
     active = sum(a for a, _, _ in held) / (t_hi - t_lo)
     live = active + sum(i for _, i, _ in held) / (t_hi - t_lo)
-    longest = max(n for _, _, n in held)
-    s = Sizing(rate, live, active, longest, block_size, pressure, cpu_share)
+    longest = math.ceil(max(n for _, _, n in held))
+    s = Sizing(rate, live, active, longest, block_size, pressure, cpu_share, token_factor=token_factor)
     floors = {"pressure": live / pressure, "active": active, "longest_turn": float(longest)}
     s.bound_by = max(floors, key=floors.get)
     s.num_gpu_blocks = math.ceil(floors[s.bound_by] / block_size)
@@ -305,18 +329,26 @@ def server_args(v: Variant, mode: str, sizing: Sizing) -> str:
 
 
 def run_part(args) -> dict:
+    """Run the part; the result file is rewritten after every point, so a part stopped by a time limit
+    keeps the points it finished (merge takes them)."""
     v = VARIANTS["smoke" if args.smoke else args.variant]
+    if args.shape:
+        extra = "" if args.shape == "tiny" or "--load-format" in v.server_args else " --load-format dummy"
+        v = dataclasses.replace(v, shape=args.shape, server_args=v.server_args + extra)
     rates = tuple(args.rates) if args.rates else v.rates
     block_size = 16 if args.smoke else args.block_size
     ref = max(v.rates)
-    sizing = tier_sizes(mt.make_workload(workload_args(v, ref, args.seed)), ref, v.tpot, block_size,
-                        v.window / 2, v.window + v.drain, args.pressure, args.cpu_share, args.max_cpu_gib * 2**30 / kv_bytes_per_token(v))
-    print(f"sizing at {ref}/s: live {sizing.live_tokens:.0f} tokens (active {sizing.active_tokens:.0f}), "
-          f"{sizing.num_gpu_blocks} GPU blocks ({sizing.bound_by}), {sizing.num_cpu_blocks} CPU blocks", flush=True)
     model = model_folder(v, args.workdir)
+    ref_plans = mt.make_workload(workload_args(v, ref, args.seed))
+    factor = measure_token_factor(model, ref_plans, args.seed)
+    sizing = tier_sizes(ref_plans, ref, v.tpot, block_size, v.window / 2, v.window + v.drain, args.pressure,
+                        args.cpu_share, args.max_cpu_gib * 2**30 / kv_bytes_per_token(v), factor)
+    print(f"sizing at {ref}/s: live {sizing.live_tokens:.0f} tokens (active {sizing.active_tokens:.0f}), "
+          f"{sizing.num_gpu_blocks} GPU blocks ({sizing.bound_by}), {sizing.num_cpu_blocks} CPU blocks, "
+          f"{factor:.2f} server tokens per planned token", flush=True)
     os.makedirs(args.log_dir, exist_ok=True)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    out = {"variants": {args.variant if not args.smoke else "smoke": {
+    out: dict = {"variants": {args.variant if not args.smoke else "smoke": {
         "workload": asdict(v), "sizing": asdict(sizing), "modes": {}}}}
     entry = next(iter(out["variants"].values()))
     for mode in modes:
@@ -327,9 +359,9 @@ def run_part(args) -> dict:
                                  log_dir=args.log_dir, startup_timeout=args.startup_timeout)
         t_start = time.monotonic()
         proc, url, _ = mt.start_server(srv, mode)
-        points = []
+        points: list[dict] = []
+        entry["modes"][mode] = {"server_args": sargs, "startup_s": time.monotonic() - t_start, "points": points}
         try:
-            startup = time.monotonic() - t_start
             asyncio.run(_warm_up(url, v))
             for i, rate in enumerate(rates):
                 seed = args.seed + 1000 * (1 + v.rates.index(rate) if rate in v.rates else 100 + i)
@@ -338,9 +370,11 @@ def run_part(args) -> dict:
                 pt["wall_s"] = time.monotonic() - t0
                 points.append(pt)
                 print(f"[{mode} {rate}/s] {_one_line(pt)}", flush=True)
+                harness.write_result(out, args.out, echo=False)
         finally:
             rc = mt.stop_server(proc)
-        entry["modes"][mode] = {"server_args": sargs, "server_exit": rc, "startup_s": startup, "points": points}
+        entry["modes"][mode]["server_exit"] = rc
+        harness.write_result(out, args.out, echo=False)
     return out
 
 
@@ -479,6 +513,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log-dir", default="/tmp/pensieve-sweep-logs")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--smoke", action="store_true", help="the tiny checkpoint on the CPU, seconds per point")
+    ap.add_argument("--shape", default=None, help="override the variant's model shape (bench/shapes.py, or 'tiny')")
     args = ap.parse_args(argv)
     if args.part == "run":
         harness.write_result(run_part(args), args.out, echo=False)
