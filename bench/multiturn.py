@@ -49,7 +49,7 @@ import harness  # noqa: E402
 DATASETS = {  # turns per session, input tokens per turn, output tokens per turn (means)
     "sharegpt": (5.56, 37.8, 204.6),
     "ultrachat": (3.86, 51.8, 257.8),
-    # long conversations (documents pasted turn after turn): with --min-turns 4 --max-turns 10 and inputs
+    # long conversations (documents pasted turn after turn): with --min-turns 4 --max-turns 8 and inputs
     # clipped to 4096, histories reach 8k to 32k tokens (bench/multiturn_sweep.py's "long" variant)
     "long": (6.0, 3000.0, 260.0),
 }

@@ -71,8 +71,8 @@ class Variant:
     dataset: str
     rates: tuple[float, ...]
     shape: str = "llama3-8b"
-    window: float = 36.0          # seconds of arrivals per point
-    drain: float = 30.0           # more seconds for the sessions to finish, then the point is cut
+    window: float = 30.0          # seconds of arrivals per point
+    drain: float = 26.0           # more seconds for the sessions to finish, then the point is cut
     think_time: float = 30.0      # mean, before time_scale
     time_scale: float = 0.7       # think time 21 s: most held context is idle
     min_turns: int = 1
@@ -87,8 +87,8 @@ class Variant:
 VARIANTS = {
     "sharegpt": Variant("sharegpt", (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
     "ultrachat": Variant("ultrachat", (1.0, 2.0, 3.0, 4.0, 6.0, 8.0)),
-    "long": Variant("long", (0.1, 0.2, 0.3, 0.45, 0.6, 0.8), shape="llama3-8b-32k", window=24.0, drain=60.0,
-                    time_scale=0.2, min_turns=4, max_turns=10, max_input_tokens=4096, max_output_tokens=512,
+    "long": Variant("long", (0.25, 0.5, 0.75, 1.0, 1.5, 2.0), shape="llama3-8b-32k", window=24.0, drain=60.0,
+                    time_scale=0.2, min_turns=4, max_turns=8, max_input_tokens=4096, max_output_tokens=512,
                     max_model_len=32768),
     # CPU plumbing check: the tiny random checkpoint, seconds per point
     "smoke": Variant("sharegpt", (2.0, 4.0, 8.0), shape="tiny", window=0.6, drain=6.0, think_time=0.2,
@@ -192,9 +192,10 @@ def capacity_at_slo(points: list[dict], latency_factor: float = 1.5, ttft_p90_li
                     max_failed_fraction: float = 0.05) -> dict:
     """The highest rate at which the SLO holds: p90 normalized latency <= ``latency_factor`` x its
     value at the lowest rate, p90 TTFT <= ``ttft_p90_limit_s``, and at most ``max_failed_fraction`` of
-    the planned turns failed or were cut. The SLO must hold at that rate and every lower one (a noisy
-    pass above a failure does not count). ``rate`` is that highest passing rate, 0.0 when the lowest
-    rate fails; ``saturated`` is False when every rate passed (the capacity is at least ``rate``).
+    the planned turns failed (400s aside: the workload's limits) or were cut. The SLO must hold at that
+    rate and every lower one (a noisy pass above a failure does not count). ``rate`` is that highest
+    passing rate, 0.0 when the lowest rate fails; ``saturated`` is False when every rate passed (the
+    capacity is at least ``rate``).
 
     points: dicts with ``rate``, ``normalized_latency_p90``, ``ttft_p90`` and ``failed_fraction``."""
     if not points:
@@ -274,7 +275,10 @@ def point_figures(rate: float, plans, results: list[mt.TurnResult], duration: fl
         "rate": rate, "sessions": len(plans), "duration_s": duration, "turns_planned": planned,
         "turns_ok": len(ok), "turns_failed": sum(1 for r in results if not r.ok),
         "turns_cut": planned - len(results) - _never_sent(plans, results),
-        "failed_fraction": (planned - len(ok) - _never_sent(plans, results)) / planned if planned else 0.0,
+        # a 400 (e.g. context_length_exceeded) is the workload's limit, not the server's capacity
+        "turns_rejected_400": sum(1 for r in results if not r.ok and r.status == 400),
+        "failed_fraction": (planned - len(ok) - _never_sent(plans, results)
+                            - sum(1 for r in results if not r.ok and r.status == 400)) / planned if planned else 0.0,
         "output_tokens_per_s": delta.get("pensieve_generation_tokens_total", 0.0) / duration,
         "completed_output_tokens_per_s": sum(r.output_tokens for r in ok) / duration,
         "requests_per_s": len(ok) / duration,
