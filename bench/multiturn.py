@@ -118,7 +118,9 @@ def _text(rng: random.Random, n_tokens: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(max(1, n_tokens)))
 
 
-async def run_session(http: aiohttp.ClientSession, args, plan: SessionPlan, t0: float, results: list) -> None:
+async def run_session(http: aiohttp.ClientSession, args, plan: SessionPlan, t0: float, results: list,
+                      started: list | None = None) -> None:
+    """Replay one session; each finished turn goes to ``results``, each sent one to ``started`` too."""
     await asyncio.sleep(max(0.0, t0 + plan.arrival - time.monotonic()))
     rng = random.Random(f"{args.seed}-{plan.session_id}")
     history: list[dict] = []
@@ -134,6 +136,8 @@ async def run_session(http: aiohttp.ClientSession, args, plan: SessionPlan, t0: 
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                 "session_mode": args.session_mode}
         r = TurnResult(plan.session_id, j, ok=False, start=time.monotonic() - t0)
+        if started is not None:
+            started.append(r)
         start = time.monotonic()
         text = []
         try:

@@ -192,7 +192,7 @@ def capacity_at_slo(points: list[dict], latency_factor: float = 1.5, ttft_p90_li
                     max_failed_fraction: float = 0.05) -> dict:
     """The highest rate at which the SLO holds: p90 normalized latency <= ``latency_factor`` x its
     value at the lowest rate, p90 TTFT <= ``ttft_p90_limit_s``, and at most ``max_failed_fraction`` of
-    the planned turns failed (400s aside: the workload's limits) or were cut. The SLO must hold at that
+    the turns that ended failed (400s aside: the workload's limits). The SLO must hold at that
     rate and every lower one (a noisy pass above a failure does not count). ``rate`` is that highest
     passing rate, 0.0 when the lowest rate fails; ``saturated`` is False when every rate passed (the
     capacity is at least ``rate``).
@@ -219,7 +219,7 @@ def _violation(p: dict, latency_limit: float, ttft_limit: float, max_failed: flo
     if lat is None or ttft is None or math.isnan(lat) or math.isnan(ttft) or math.isnan(latency_limit):
         return f"rate {p['rate']}: no completed turns"
     if p.get("failed_fraction", 0.0) > max_failed:
-        return f"rate {p['rate']}: {100 * p['failed_fraction']:.1f}% of turns failed or cut"
+        return f"rate {p['rate']}: {100 * p['failed_fraction']:.1f}% of the turns that ended failed"
     if lat > latency_limit:
         return f"rate {p['rate']}: normalized latency p90 {lat:.4f} > {latency_limit:.4f}"
     if ttft > ttft_limit:
@@ -235,10 +235,11 @@ async def run_point(url: str, model_name: str, v: Variant, rate: float, seed: in
     cargs = argparse.Namespace(url=url, model_name=model_name, api_key=None, session_mode="append", seed=seed)
     before = mt.scrape_context(url)
     results: list[mt.TurnResult] = []
+    started: list[mt.TurnResult] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=v.window + v.drain + 60),
                                      connector=aiohttp.TCPConnector(limit=0)) as http:
         t0 = time.monotonic()
-        tasks = [asyncio.ensure_future(mt.run_session(http, cargs, p, t0, results)) for p in plans]
+        tasks = [asyncio.ensure_future(mt.run_session(http, cargs, p, t0, results, started)) for p in plans]
         done, pending = await asyncio.wait(tasks, timeout=v.window + v.drain)
         for t in pending:
             t.cancel()  # the client goes away: the server aborts the turn
@@ -247,7 +248,7 @@ async def run_point(url: str, model_name: str, v: Variant, rate: float, seed: in
         await asyncio.sleep(0.2)  # let aborts settle before the counters are read
         after = mt.scrape_context(url)
         await _delete_sessions(http, url, [p.session_id for p in plans])
-    return point_figures(rate, plans, results, duration, before, after)
+    return point_figures(rate, plans, results, len(started), duration, before, after)
 
 
 async def _delete_sessions(http: aiohttp.ClientSession, url: str, ids: list[str]) -> None:
@@ -259,11 +260,15 @@ async def _delete_sessions(http: aiohttp.ClientSession, url: str, ids: list[str]
         await asyncio.gather(*(one(s) for s in ids[i:i + 64]))
 
 
-def point_figures(rate: float, plans, results: list[mt.TurnResult], duration: float, before: dict,
-                  after: dict) -> dict:
-    """The figures of one point from the client's turn results and the /metrics counters' deltas."""
+def point_figures(rate: float, plans, results: list[mt.TurnResult], n_started: int, duration: float,
+                  before: dict, after: dict) -> dict:
+    """The figures of one point from the client's turn results and the /metrics counters' deltas.
+    Turns: planned = ok + failed + cut (sent, still running at the end) + not sent (their time came
+    after the end, or their session had failed). The SLO's failed fraction is over the turns that
+    ended (ok or failed), 400s aside."""
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     ok = [r for r in results if r.ok]
+    rejected = sum(1 for r in results if not r.ok and r.status == 400)
     planned = sum(len(p.turns) for p in plans)
     ctx = {s: delta.get(f'pensieve_context_tokens_total{{source="{s}"}}', 0.0) for s in SOURCES}
     total = sum(ctx.values())
@@ -273,12 +278,12 @@ def point_figures(rate: float, plans, results: list[mt.TurnResult], duration: fl
     ttft = mt.percentiles([r.ttft for r in ok])
     return {
         "rate": rate, "sessions": len(plans), "duration_s": duration, "turns_planned": planned,
-        "turns_ok": len(ok), "turns_failed": sum(1 for r in results if not r.ok),
-        "turns_cut": planned - len(results) - _never_sent(plans, results),
+        "turns_sent": n_started, "turns_ok": len(ok), "turns_failed": len(results) - len(ok),
+        "turns_cut": n_started - len(results), "turns_not_sent": planned - n_started,
         # a 400 (e.g. context_length_exceeded) is the workload's limit, not the server's capacity
-        "turns_rejected_400": sum(1 for r in results if not r.ok and r.status == 400),
-        "failed_fraction": (planned - len(ok) - _never_sent(plans, results)
-                            - sum(1 for r in results if not r.ok and r.status == 400)) / planned if planned else 0.0,
+        "turns_rejected_400": rejected,
+        # turns running at the end are cut whatever the load: not failures (overload shows in the latencies)
+        "failed_fraction": (len(results) - len(ok) - rejected) / len(results) if results else 0.0,
         "output_tokens_per_s": delta.get("pensieve_generation_tokens_total", 0.0) / duration,
         "completed_output_tokens_per_s": sum(r.output_tokens for r in ok) / duration,
         "requests_per_s": len(ok) / duration,
@@ -289,14 +294,6 @@ def point_figures(rate: float, plans, results: list[mt.TurnResult], duration: fl
         "failures_by_status": mt._count(str(r.status) for r in results if not r.ok),
         "errors_sample": [r.error for r in results if not r.ok][:3],
     }
-
-
-def _never_sent(plans, results: list[mt.TurnResult]) -> int:
-    """Turns after a failed turn of their session: a conversation stops at its first failure, so they
-    were never sent (they count as failed through that turn, not again)."""
-    failed = {r.session_id: r.turn for r in results if not r.ok}
-    n = {p.session_id: len(p.turns) for p in plans}
-    return sum(n[s] - t - 1 for s, t in failed.items())
 
 
 # ----------------------------------------------------------------------------- a part
@@ -393,7 +390,8 @@ def _one_line(pt: dict) -> str:
     n, t, c = pt["normalized_latency_s_per_token"], pt["ttft_s"], pt["context_fraction"]
     lat = f"norm p50/p90/p99 {n['p50']:.4f}/{n['p90']:.4f}/{n['p99']:.4f} s/tok, " if n else ""
     ttf = f"TTFT p50/p90/p99 {t['p50']:.3f}/{t['p90']:.3f}/{t['p99']:.3f} s, " if t else ""
-    return (f"{pt['turns_ok']}/{pt['turns_planned']} turns ({pt['turns_failed']} failed, {pt['turns_cut']} cut) in "
+    return (f"{pt['turns_ok']}/{pt['turns_sent']} turns sent ok ({pt['turns_failed']} failed, {pt['turns_cut']} cut; "
+            f"{pt['turns_not_sent']} of {pt['turns_planned']} planned not sent) in "
             f"{pt['duration_s']:.1f}s, {pt['output_tokens_per_s']:.0f} tok/s, {lat}{ttf}context "
             + " ".join(f"{s} {100 * c[s]:.0f}%" for s in SOURCES))
 
@@ -485,7 +483,7 @@ def plot(result: dict, out_dir: str) -> list[str]:
                 bottom = [b + y for b, y in zip(bottom, ys)]
             ax.set(title=mode, xlabel="rate (1/s)")
         axes[0][0].set_ylabel("prompt tokens (%)")
-        axes[0][-1].legend(fontsize=8)
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.suptitle(f"{name}: where the context came from")
         paths.append(_save(fig, out_dir, f"{name}_context_sources.png"))
     return paths
