@@ -10,7 +10,8 @@ counts log-normal (sigma 0.8) with those means, then clipped to
 (``ignore_eos``), so every cache mode generates the same tokens. Seedable; a
 time-scale factor multiplies every arrival gap and think time.
 
-Reports request throughput, output-token throughput, time-to-first-token and
+Reports request throughput, output-token throughput, time-to-first-token (at
+the first streamed chunk, which the server sends at the first sampled token) and
 normalized latency (end-to-end latency / output tokens) percentiles, and where
 the prompt tokens came from (``pensieve_context_tokens_total`` deltas from
 /metrics); writes everything as JSON.
@@ -48,6 +49,9 @@ import harness  # noqa: E402
 DATASETS = {  # turns per session, input tokens per turn, output tokens per turn (means)
     "sharegpt": (5.56, 37.8, 204.6),
     "ultrachat": (3.86, 51.8, 257.8),
+    # long conversations (documents pasted turn after turn): with --min-turns 4 --max-turns 8 and inputs
+    # clipped to 4096, histories reach 8k to 32k tokens (bench/multiturn_sweep.py's "long" variant)
+    "long": (6.0, 3000.0, 260.0),
 }
 WORDS = ("the a cache keeps each conversation between turns so new tokens only are computed memory gpu cpu tier "
          "block chunk session history model serve request prompt answer question user assistant hello world chat "
@@ -95,8 +99,8 @@ def make_workload(args) -> list[SessionPlan]:
     plans, t = [], 0.0
     for i in range(args.sessions):
         t += rng.expovariate(args.rate) * args.time_scale
-        n_turns = 1
-        p = 1.0 / mean_turns
+        n_turns = getattr(args, "min_turns", 1)
+        p = 1.0 / max(1.0, mean_turns - n_turns + 1)  # geometric above the minimum, same mean
         while rng.random() > p and n_turns < args.max_turns:
             n_turns += 1
         turns = []
@@ -114,7 +118,9 @@ def _text(rng: random.Random, n_tokens: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(max(1, n_tokens)))
 
 
-async def run_session(http: aiohttp.ClientSession, args, plan: SessionPlan, t0: float, results: list) -> None:
+async def run_session(http: aiohttp.ClientSession, args, plan: SessionPlan, t0: float, results: list,
+                      started: list | None = None) -> None:
+    """Replay one session; each finished turn goes to ``results``, each sent one to ``started`` too."""
     await asyncio.sleep(max(0.0, t0 + plan.arrival - time.monotonic()))
     rng = random.Random(f"{args.seed}-{plan.session_id}")
     history: list[dict] = []
@@ -130,6 +136,8 @@ async def run_session(http: aiohttp.ClientSession, args, plan: SessionPlan, t0: 
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                 "session_mode": args.session_mode}
         r = TurnResult(plan.session_id, j, ok=False, start=time.monotonic() - t0)
+        if started is not None:
+            started.append(r)
         start = time.monotonic()
         text = []
         try:
@@ -146,10 +154,12 @@ async def run_session(http: aiohttp.ClientSession, args, plan: SessionPlan, t0: 
                     if "error" in obj:
                         r.error = json.dumps(obj["error"])[:200]
                         break
+                    if obj.get("choices") and math.isnan(r.ttft):
+                        # the server sends the first chunk at the first sampled token (for chat, the role
+                        # chunk), whether or not that token decodes to any text
+                        r.ttft = time.monotonic() - start
                     for c in obj.get("choices", []):
                         piece = c.get("delta", {}).get("content")
-                        if piece and math.isnan(r.ttft):
-                            r.ttft = time.monotonic() - start
                         if piece:
                             text.append(piece)
                     u = obj.get("usage")
@@ -301,6 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--think-time", type=float, default=30.0, help="mean think time between turns, seconds")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiplies arrival gaps and think times")
     p.add_argument("--max-turns", type=int, default=32)
+    p.add_argument("--min-turns", type=int, default=1)
     p.add_argument("--max-input-tokens", type=int, default=1024)
     p.add_argument("--max-output-tokens", type=int, default=1024)
     p.add_argument("--session-mode", choices=("append", "full"), default="append")

@@ -12,6 +12,12 @@ SHAPES = {
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                       torch_dtype="bfloat16", tie_word_embeddings=False, hidden_act="silu"),
+    # The same with a 32k context (Llama-3.1-8B's layers without its RoPE scaling): long conversations.
+    "llama3-8b-32k": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+                          intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=32768,
+                          rms_norm_eps=1e-5, rope_theta=500000.0, torch_dtype="bfloat16",
+                          tie_word_embeddings=False, hidden_act="silu"),
     # A scaled-down shape with the same structure, to check the scripts on a CPU.
     "llama-mini": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=512,
                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=512,

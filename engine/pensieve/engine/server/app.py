@@ -549,9 +549,11 @@ class _Gen:
         async def send(obj) -> None:
             await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
+        # The first chunk leaves when the first token is sampled (chat: the role chunk; completions:
+        # a chunk whose text may be empty), not when its text is non-empty: a client's time to first
+        # chunk is then the TTFT, whatever the tokenizer makes of that token.
+        first = True
         try:
-            if self.chat:
-                await send(self._chunk("", None, first=True))
             while not self.finished:
                 item = await queue.get()
                 try:
@@ -560,6 +562,12 @@ class _Gen:
                     self.server.metrics.count_outcome(e.status)
                     await send(e.body())
                     break
+                if first and (item.new_token_ids or item.finished):
+                    first = False
+                    if self.chat:
+                        await send(self._chunk("", None, first=True))
+                    elif not item.new_text and not item.finished:
+                        await send(self._chunk("", None))
                 if item.new_text or item.finished:
                     chunk = self._chunk(item.new_text if item.new_text else None, item.finish_reason)
                     if item.finished and self.greq.include_usage is False:
