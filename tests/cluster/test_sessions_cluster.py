@@ -82,7 +82,8 @@ def test_managed_store_keeps_a_session_across_the_loss_of_its_engine(api, namesp
     assert home3 != home
     usage = third["usage"]["prompt_tokens_details"]
     assert usage["cached_tokens"] == 0 and usage["recomputed_tokens"] > second["usage"]["prompt_tokens"]
-    with urllib.request.urlopen(base + f"/v1/sessions/{sid}", timeout=10) as r:
+    key = {"Authorization": f"Bearer {SAMPLE_API_KEYS[0]}"}
+    with urllib.request.urlopen(urllib.request.Request(base + f"/v1/sessions/{sid}", headers=key), timeout=10) as r:
         info = json.loads(r.read())
     assert info["num_turns"] == 3
     assert [m["content"] for m in info["messages"][::2]] == ["remember the number seven", "what number?", "and now?"]

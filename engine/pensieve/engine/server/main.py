@@ -10,6 +10,7 @@ import signal
 from aiohttp import web
 
 from ..config import EngineConfig, dataclass_from_args
+from . import memory
 from .app import PensieveServer
 from .config import ServerConfig
 from .listener import CappedTCPSite
@@ -79,6 +80,7 @@ def run_server(args: argparse.Namespace) -> int:
     engine_config = dataclass_from_args(EngineConfig, args)
     server_config = dataclass_from_args(ServerConfig, args)
     _raise_fd_limit(server_config.max_connections)
+    memory.limit_arenas()  # before any thread of ours starts allocating
     engine = LLMEngine(engine_config)
     try:
         return asyncio.run(serve(engine, server_config))
