@@ -268,8 +268,7 @@ class ModelRunner:
                 meta.wait_for_layer = self.swapper.wait_for_layer
             hidden = self.model(v["input_ids"], v["positions"], meta, self.kv_caches)
             if not all_logits:
-                rows = torch.tensor(inputs.sample_rows, dtype=torch.long).to(hidden.device, non_blocking=True)
-                hidden = hidden.index_select(0, rows)
+                hidden = hidden.index_select(0, v["sample_rows"][:len(inputs.sample_rows)])
             logits = self.model.compute_logits(hidden).float()
         if has_swaps:
             self.swapper.after_forward()

@@ -5,6 +5,13 @@ Layout of the packed int32 buffer for T tokens, S segments and block-table width
 (each part padded to a multiple of 16 entries):
 
     input_ids[T] | positions[T] | slots[T] | seg_q_start[S+1] | seg_pos_start[S] | block_tables[S*W]
+    | sample_rows[S]
+
+(sample_rows: the rows whose logits are sampled, padded with 0; eager steps read
+their first ``len(StepInputs.sample_rows)`` entries on the device. Everything
+crosses in one copy from pinned memory: a copy from pageable memory would make
+the host wait for the stream, and the next step could not be prepared while
+this one runs.)
 
 Decode graphs reuse this layout with T = S = the graph's padded batch size and
 W = the most blocks a sequence can have, so a replay needs one host-to-device
@@ -45,7 +52,7 @@ def _offsets(t: int, s: int, w: int) -> list[int]:
     # alignment, and a part whose alignment changed with the batch size would
     # compile a new variant while serving.
     o = [0]
-    for n in (t, t, t, s + 1, s, s * w):
+    for n in (t, t, t, s + 1, s, s * w, s):
         o.append(o[-1] + -(-n // 16) * 16)
     return o
 
@@ -55,7 +62,7 @@ def split_views(buf, t: int, s: int, w: int) -> dict:
     o = _offsets(t, s, w)
     return dict(input_ids=buf[o[0]:o[0] + t], positions=buf[o[1]:o[1] + t], slots=buf[o[2]:o[2] + t],
                 seg_q_start=buf[o[3]:o[3] + s + 1], seg_pos_start=buf[o[4]:o[4] + s],
-                block_tables=buf[o[5]:o[5] + s * w].reshape(s, w))
+                block_tables=buf[o[5]:o[5] + s * w].reshape(s, w), sample_rows=buf[o[6]:o[6] + s])
 
 
 def packed_size(t: int, s: int, w: int) -> int:
@@ -112,6 +119,7 @@ def build_step_inputs(out: SchedulerOutput, block_size: int, pad_to: int | None 
     v["seg_q_start"][:] = q_start
     v["seg_pos_start"][:n_seg] = starts
     sample_rows = [int(q_start[i + 1]) - 1 for i, c in enumerate(chunks) if c.samples]
+    v["sample_rows"][:len(sample_rows)] = sample_rows
     has_placeholders = bool((v["input_ids"][:n_tok] < 0).any())
     return StepInputs(packed, t, s, w, sample_rows, v["seg_q_start"], v["seg_pos_start"], is_decode,
                       has_placeholders)
