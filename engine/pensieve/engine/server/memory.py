@@ -20,6 +20,7 @@ several of them. ``limit_arenas`` (called once at start-up) caps them at
 from __future__ import annotations
 
 import ctypes
+import gc
 import ctypes.util
 import logging
 
@@ -51,6 +52,12 @@ def limit_arenas(n: int = ARENAS) -> None:
 
 
 def trim() -> None:
-    """Return freed heap pages to the OS (glibc only; a no-op elsewhere)."""
+    """Collect garbage cycles, then return freed heap pages to the OS (glibc only).
+
+    The collection first: an exception raised while handling a big request sits in a
+    reference cycle with its traceback's frames, which hold the request's text and
+    tokens until the cyclic collector runs; big objects barely advance its counters,
+    so without this it may not run for a long time."""
+    gc.collect()
     if _malloc_trim is not None:
         _malloc_trim(0)
