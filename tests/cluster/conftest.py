@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -249,3 +248,23 @@ def namespace(api, request):
         print(f"[cluster] cleanup of {name}: {e}", file=sys.stderr)
 
 
+# API clients of the test's kube-apiserver (fixtures of every cluster test module)
+@pytest.fixture
+def co(api):
+    from kubernetes import client
+
+    return client.CustomObjectsApi(api)
+
+
+@pytest.fixture
+def apps(api):
+    from kubernetes import client
+
+    return client.AppsV1Api(api)
+
+
+@pytest.fixture
+def core(api):
+    from kubernetes import client
+
+    return client.CoreV1Api(api)

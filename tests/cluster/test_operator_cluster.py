@@ -26,21 +26,6 @@ ENGINE_SEL = "app.kubernetes.io/instance={},app.kubernetes.io/component=engine"
 pytestmark = pytest.mark.usefixtures("operator_runner")
 
 
-@pytest.fixture
-def co(api):
-    return client.CustomObjectsApi(api)
-
-
-@pytest.fixture
-def apps(api):
-    return client.AppsV1Api(api)
-
-
-@pytest.fixture
-def core(api):
-    return client.CoreV1Api(api)
-
-
 def create_pdep(co, ns, body):
     body = json.loads(json.dumps(body))
     body["metadata"]["namespace"] = ns

@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-from kubernetes import client
 
 from conftest import H100, wait_for
 from pensieve.operator.kube import Kube, raw_request
@@ -18,21 +17,6 @@ from test_operator_cluster import (ENGINE_SEL, G, P, SAMPLE, V, _start_operator_
                                    get_pdep, http_get, wait_ready)
 
 pytestmark = pytest.mark.usefixtures("operator_runner")
-
-
-@pytest.fixture
-def co(api):
-    return client.CustomObjectsApi(api)
-
-
-@pytest.fixture
-def apps(api):
-    return client.AppsV1Api(api)
-
-
-@pytest.fixture
-def core(api):
-    return client.CoreV1Api(api)
 
 
 def sample(**spec_over):

@@ -39,3 +39,19 @@ def run_to_end(engine, request_ids=None) -> dict[str, list[int]]:
         for o in engine.step():
             out.setdefault(o.request_id, []).extend(o.new_token_ids)
     return out
+
+
+def assert_greedy_until_near_tie(hf_model, prompt: list[int], tokens: list[int], near_tie: float) -> None:
+    """``tokens`` (greedy, from a half-precision engine) must equal ``hf_model``'s greedy
+    continuation of ``prompt``, recomputed each step, until the first step whose top two
+    logits are closer than ``near_tie``: there rounding may pick either."""
+    device = next(hf_model.parameters()).device
+    ids = list(prompt)
+    with torch.no_grad():
+        for i, tok in enumerate(tokens):
+            logits = hf_model(torch.tensor([ids], device=device)).logits[0, -1].float()
+            if tok != int(logits.argmax()):
+                top2 = torch.topk(logits, 2).values
+                assert float(top2[0] - top2[1]) < near_tie, f"token {i} differs without a near-tie"
+                return
+            ids.append(tok)

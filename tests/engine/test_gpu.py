@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_helpers import assert_greedy_until_near_tie
+
 from pensieve.engine import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -45,15 +47,7 @@ def test_bf16_logits_and_greedy_tokens(make_engine, tiny_checkpoint, family):
     rel = (ours - ref).norm() / ref.norm()
     assert rel < 3e-2, float(rel)
     tokens = engine.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
-    ids = list(prompt)
-    with torch.no_grad():
-        for i, tok in enumerate(tokens):
-            logits = hf(torch.tensor([ids], device="cuda")).logits[0, -1].float()
-            top2 = torch.topk(logits, 2).values
-            if tok != int(logits.argmax()):
-                assert float(top2[0] - top2[1]) < NEAR_TIE, f"token {i} differs without a near-tie"
-                break
-            ids.append(tok)
+    assert_greedy_until_near_tie(hf, prompt, tokens, NEAR_TIE)
 
 
 def test_bf16_ragged_batch_equals_solo(make_engine):
@@ -145,12 +139,4 @@ def test_bf16_smollm2_shape(tmp_path):
         want = ref(torch.tensor([prompt], device="cuda")).logits[0].float()
     assert float((ours - want).norm() / want.norm()) < 3e-2
     tokens = engine.generate([prompt, prompt[:40]], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
-    ids = list(prompt)
-    with torch.no_grad():
-        for i, tok in enumerate(tokens):
-            logits = ref(torch.tensor([ids], device="cuda")).logits[0, -1].float()
-            if tok != int(logits.argmax()):
-                top2 = torch.topk(logits, 2).values
-                assert float(top2[0] - top2[1]) < NEAR_TIE, f"token {i} differs without a near-tie"
-                break
-            ids.append(tok)
+    assert_greedy_until_near_tie(ref, prompt, tokens, NEAR_TIE)

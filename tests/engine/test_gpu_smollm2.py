@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import assert_greedy_until_near_tie
 
 from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
 from pensieve.engine.gguf_checkpoint import bundled_smollm2
@@ -59,15 +60,7 @@ def test_smollm2_bf16_logits_and_greedy_tokens():
     rel = (ours.float() - ref).norm() / ref.norm()
     assert rel < 3e-2, float(rel)
     tokens = engine.generate([prompt], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
-    ids = list(prompt)
-    with torch.no_grad():
-        for i, tok in enumerate(tokens):
-            logits = hf(torch.tensor([ids], device="cuda")).logits[0, -1].float()
-            if tok != int(logits.argmax()):
-                top2 = torch.topk(logits, 2).values
-                assert float(top2[0] - top2[1]) < NEAR_TIE, f"token {i} differs without a near-tie"
-                break
-            ids.append(tok)
+    assert_greedy_until_near_tie(hf, prompt, tokens, NEAR_TIE)
 
 
 def test_smollm2_capital_of_france_bf16():

@@ -39,7 +39,6 @@ class StepInputs:
     sample_rows: list[int]      # rows whose last-position logits are sampled, in chunk order
     seg_q_start: np.ndarray     # views into packed (the attention plan is built from these on the host)
     seg_pos_start: np.ndarray
-    is_decode: bool             # every segment is one new token that samples
     has_placeholders: bool      # some input ids are -1 - row of the previous step's samples
 
     def device_views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,8 +120,7 @@ def build_step_inputs(out: SchedulerOutput, block_size: int, pad_to: int | None 
     sample_rows = [int(q_start[i + 1]) - 1 for i, c in enumerate(chunks) if c.samples]
     v["sample_rows"][:len(sample_rows)] = sample_rows
     has_placeholders = bool((v["input_ids"][:n_tok] < 0).any())
-    return StepInputs(packed, t, s, w, sample_rows, v["seg_q_start"], v["seg_pos_start"], is_decode,
-                      has_placeholders)
+    return StepInputs(packed, t, s, w, sample_rows, v["seg_q_start"], v["seg_pos_start"], has_placeholders)
 
 
 def resolve_placeholders(input_ids: torch.Tensor, prev_tokens: torch.Tensor | None) -> None:
