@@ -89,6 +89,7 @@ def part_engine(args) -> dict:
                                     max_num_batched_tokens=4096, max_num_seqs=256))
     startup = time.perf_counter() - t0
     print(f"start-up {startup:.1f} s ({engine.num_gpu_blocks} GPU blocks)", flush=True)
+    compiles = watch_triton_compiles()  # from here on, any compile is one made while serving
     m = model_numbers(engine.model_config)
     vocab = engine.model_config["vocab_size"]
     rng = random.Random(0)
@@ -109,12 +110,28 @@ def part_engine(args) -> dict:
                 continue  # nothing collected by this call (the first launch of a batch)
             steps.append((time.perf_counter() - s0, dict(decode_only=info.decode_only, seqs=info.seqs,
                                                          tokens=info.tokens, context=info.context,
-                                                         pairs=info.pairs, wait=info.wait_s)))
+                                                         pairs=info.pairs, wait=info.wait_s,
+                                                         launch=info.launch_s)))
         seconds = time.perf_counter() - t0
         runs.append(summarize(m, ceil, n, p, o, seconds, steps))
+        runs[-1]["triton_compiles_while_serving"] = list(compiles)
+        compiles.clear()
         print(json.dumps(runs[-1]), flush=True)
     return dict(ceilings=ceil, startup_seconds=startup, gpu_blocks=engine.num_gpu_blocks,
                 cuda_graphs=engine.runner.graphs is not None, runs=runs)
+
+
+def watch_triton_compiles() -> list[str]:
+    """The names of the Triton kernels compiled from now on (a list the hook appends to; empty on the
+    CPU, where the interpreter compiles nothing)."""
+    seen: list[str] = []
+    try:
+        import triton
+        hook = lambda **kw: seen.append(kw["repr"])  # noqa: E731 - called after each compile
+        triton.knobs.runtime.jit_post_compile_hook = hook
+    except (ImportError, AttributeError):
+        pass
+    return seen
 
 
 def summarize(m, ceil, n, p, o, seconds, steps) -> dict:
@@ -131,6 +148,12 @@ def summarize(m, ceil, n, p, o, seconds, steps) -> dict:
         med = statistics.median(t for t, _ in items)
         return sum(1 for t, _ in items if t > 2 * med)
 
+    def slow(kind, items):  # steps over 1.5x their kind's median, with what they held, to explain them
+        if not items:
+            return []
+        med = statistics.median(t for t, _ in items)
+        return [dict(kind=kind, index=steps.index((t, s)), ms=t * 1e3, **s) for t, s in items if t > 1.5 * med]
+
     full = [(t, s) for t, s in decode if s["seqs"] == n]
     floors = [t / ((m["weight_bytes"] + s["context"] * m["kv_bytes_per_token"]) / (ceil["copy_TBps"] * 1e12))
               for t, s in full]
@@ -144,7 +167,7 @@ def summarize(m, ceil, n, p, o, seconds, steps) -> dict:
                 full_decode_step_over_floor=statistics.median(floors) if floors else None,
                 prefill_4096_pct_matmul=100 * statistics.median(rates) / ceil["matmul_TFLOPs"] if rates else None,
                 decode_wait_ms_median=statistics.median(s["wait"] * 1e3 for _, s in decode) if decode else None,
-                steps=len(steps))
+                steps=len(steps), slow_steps=slow("decode", decode) + slow("prefill", prefill))
 
 
 def part_hf(args) -> dict:

@@ -336,6 +336,9 @@ def run_part(args) -> dict:
     if args.shape:
         extra = "" if args.shape == "tiny" or "--load-format" in v.server_args else " --load-format dummy"
         v = dataclasses.replace(v, shape=args.shape, server_args=v.server_args + extra)
+    # timing overrides, so that a sweep fits a device call; the JSON records the variant as run
+    overrides = {k: getattr(args, k) for k in ("window", "drain", "time_scale", "tpot") if getattr(args, k) is not None}
+    v = dataclasses.replace(v, **overrides)
     rates = tuple(args.rates) if args.rates else v.rates
     block_size = 16 if args.smoke else args.block_size
     ref = max(v.rates)
@@ -512,6 +515,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-share", type=float, default=0.9, help="CPU tier over live context at the top rate")
     ap.add_argument("--max-cpu-gib", type=float, default=64.0, help="cap of the CPU tier (host memory)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window", type=float, help="override the variant's seconds of arrivals per point")
+    ap.add_argument("--drain", type=float, help="override the variant's seconds after the window")
+    ap.add_argument("--time-scale", type=float, help="override the variant's think-time scale")
+    ap.add_argument("--tpot", type=float, help="override the assumed seconds per output token (sizing)")
     ap.add_argument("--log-dir", default="/tmp/pensieve-sweep-logs")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--smoke", action="store_true", help="the tiny checkpoint on the CPU, seconds per point")

@@ -48,6 +48,7 @@ class StepInfo:
     context: int         # keys attended in all, summed over chunks (KV tokens read)
     pairs: int           # causal (query, key) pairs: the attention work
     wait_s: float = 0.0  # host time spent waiting for this step's tokens (0: the host was the bottleneck)
+    launch_s: float = 0.0  # host time to prepare and enqueue it (a sync hidden in there shows up here)
 
     @classmethod
     def of(cls, sched: SchedulerOutput) -> "StepInfo":
@@ -219,7 +220,10 @@ class LLMEngine:
             self.cache.copies_done()
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
+        t0 = time.perf_counter()
         launched = None if sched.is_empty else self._launch(sched)
+        if launched is not None:
+            launched.info.launch_s = time.perf_counter() - t0
         done, self.inflight = self.inflight, launched
         if not self.async_scheduling:
             done, self.inflight = launched, None
