@@ -14,6 +14,14 @@ from .cache_manager import SwapPlan
 
 log = logging.getLogger("pensieve.engine")
 
+#: Programs of an ahead-of-time swap-out launch. Those copies are not waited for,
+#: but each program holds part of an SM while it waits on the host link, and a
+#: GEMM that cannot place its tiles on those SMs runs a slower wave: on the H200
+#: sweep (issue 12) the swap kernel's default 32 programs made pensieve mode's
+#: decode steps slower than gpu-only's under swap-out pressure. A few programs
+#: carry the average swap-out rate (well under 1 GB/s there) many times over.
+AHEAD_PROGRAMS = 4
+
 
 class HostBuffer:
     """A flat host tensor, page-locked in place when ``pin`` (exactly its size).
@@ -67,6 +75,7 @@ class Swapper:
         self.plan: SwapPlan | None = None
         self.ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.programs: int | None = None  # swap kernel's programs (None: the kernel's default)
+        self.ahead_programs: int | None = AHEAD_PROGRAMS  # the same, for ahead-of-time swap-outs
         self.runs: dict[str, list[tuple[int, int, int]]] = {}
 
     def begin(self, plan: SwapPlan) -> None:
@@ -134,6 +143,8 @@ class Swapper:
         return ids[0], ids[1]
 
     def _copy_layer(self, layer: int, kind: str, to_cpu: bool) -> None:
+        """Copy one layer's blocks of a plan's list (``kind``): in-step copies with the kernel's
+        full width, ahead-of-time swap-outs with ``ahead_programs``."""
         pairs = getattr(self.plan, kind)
         if not pairs:
             return
@@ -142,16 +153,18 @@ class Swapper:
         for src, dst in zip(src_caches[layer], dst_caches[layer]):
             if not self.cuda:
                 dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
-            elif not (self.impl == "kernel" and self._kernel_copy(src, dst, src_ids, dst_ids)):
+            elif not (self.impl == "kernel" and self._kernel_copy(src, dst, src_ids, dst_ids,
+                                                                  self.ahead_programs if kind == "swap_out_ahead"
+                                                                  else self.programs)):
                 if kind not in self.runs:  # computed once per step, used by every layer
                     self.runs[kind] = _runs(pairs)
                 for s, d, n in self.runs[kind]:  # pinned <-> device DMA, one per run of adjacent ids
                     dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
 
-    def _kernel_copy(self, src, dst, src_ids, dst_ids) -> bool:
+    def _kernel_copy(self, src, dst, src_ids, dst_ids, programs: int | None) -> bool:
         """One swap-kernel launch; False (and DMA from then on) if the driver refuses it."""
         try:
-            swap_blocks(src, dst, src_ids, dst_ids, impl="triton", max_programs=self.programs)
+            swap_blocks(src, dst, src_ids, dst_ids, impl="triton", max_programs=programs)
             return True
         except ValueError as e:  # e.g. a driver that cannot map the pinned tier into the GPU
             log.warning("swap kernel unavailable (%s); copying with DMA from now on", e)
