@@ -28,7 +28,7 @@ from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
 from .config import EngineConfig
 from .cost_model import CostModel, load_or_profile, profile_cache_path
 from .detokenizer import IncrementalDetokenizer
-from .errors import ContextLengthExceededError, InvalidRequestError, SessionBusyError
+from .errors import ContextLengthExceededError, InvalidRequestError
 from .pinned import PinnedPair
 from .prompt import PromptEncoder
 from .request import Request, RequestOutput, RequestStatus, Session, SessionKey
@@ -112,9 +112,9 @@ class LLMEngine:
         self.cost_model = self._cost_model(num_blocks)
         num_cpu_blocks = self._num_cpu_blocks(num_blocks)
         self.runner.allocate_cpu_cache(num_cpu_blocks)
-        self.cache = CacheManager(num_blocks, config.block_size, config.cache_mode, config.eviction,
-                                  num_cpu_blocks=num_cpu_blocks, cost_model=self.cost_model)
-        self.scheduler = Scheduler(self.cache, config.max_num_batched_tokens, config.max_num_seqs)
+        cache = CacheManager(num_blocks, config.block_size, config.cache_mode, config.eviction,
+                             num_cpu_blocks=num_cpu_blocks, cost_model=self.cost_model)
+        self.scheduler = Scheduler(cache, config.max_num_batched_tokens, config.max_num_seqs)  # owns the cache
         self.runner.warm_up(config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -135,12 +135,18 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- API
     @property
+    def cache(self) -> CacheManager:
+        """The scheduler's cache manager, for inspection only (tests, benchmarks, the metrics
+        snapshot): the engine changes it through the scheduler."""
+        return self.scheduler.cache
+
+    @property
     def num_gpu_blocks(self) -> int:
-        return self.cache.gpu.num_blocks
+        return self.scheduler.num_gpu_blocks
 
     @property
     def num_cpu_blocks(self) -> int:
-        return self.cache.cpu.num_blocks
+        return self.scheduler.num_cpu_blocks
 
     def swap_bytes(self, direction: str) -> int:
         blocks = self.cache.stats.swap_in_blocks if direction == "in" else self.cache.stats.swap_out_blocks
@@ -182,13 +188,7 @@ class LLMEngine:
         if session_id is not None:
             if not isinstance(session_id, str) or not session_id:
                 raise InvalidRequestError("session_id must be a non-empty string", "session_id")
-            session = self.cache.sessions.get(SessionKey(owner, session_id))
-            if session is not None and session.active_request is not None:
-                raise SessionBusyError(session_id)
-            session = session or self.cache.get_or_create_session(session_id, owner)
-            session.active_request = request_id
-            session.last_active = time.monotonic()
-            session.num_turns += 1
+            session = self.scheduler.open_turn(session_id, owner, request_id)
         req = Request(request_id, list(token_ids), len(token_ids), params, max_tokens, session=session)
         if history:
             req.stored_context = common_prefix_len(history, req.token_ids)
@@ -217,7 +217,7 @@ class LLMEngine:
         step while the GPU still computes this one. Without it, a step is
         collected at once (same code, no overlap)."""
         if self.runner.copies_done():
-            self.cache.copies_done()
+            self.scheduler.copies_done()
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         t0 = time.perf_counter()
@@ -243,7 +243,7 @@ class LLMEngine:
         """Forget a session and its cache; a turn still running is aborted and its final output returned."""
         s = self.get_session(session_id, owner)
         out = self.abort(s.active_request) if s.active_request is not None else None
-        self.cache.delete_session(s.key)
+        self.scheduler.delete_session(s.key)
         return out
 
     def expire_idle_sessions(self) -> list[SessionKey]:
@@ -251,20 +251,16 @@ class LLMEngine:
         ttl = self.config.session_idle_timeout
         if ttl <= 0:
             return []
-        now = self.cache.clock()
-        expired = [sid for sid, s in self.cache.sessions.items()
-                   if s.active_request is None and not s.internal and now - s.last_active > ttl]
-        for sid in expired:
-            self.cache.delete_session(sid)
+        expired = self.scheduler.expire_idle(ttl)
         if expired:
             log.info("expired %d idle session(s)", len(expired))
         return expired
 
     def offload_session(self, session_id: str | SessionKey, owner: str | None = None) -> int:
         """Copy an idle session's context to the CPU tier and free its GPU blocks, now."""
-        moved = self.cache.offload(session_id, owner)
-        self.runner.execute(SchedulerOutput(swaps=self.cache.take_plan()))
-        self.cache.finish_step()
+        moved, plan = self.scheduler.offload(session_id, owner)
+        self.runner.execute(SchedulerOutput(swaps=plan))
+        self.scheduler.step_done()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return moved
@@ -272,7 +268,7 @@ class LLMEngine:
     def get_session(self, session_id: str | SessionKey, owner: str | None = None) -> Session:
         """The session ``(owner, session_id)`` (or a SessionKey); UnknownSessionError if this engine
         holds none. Another owner's session of the same id is simply a different, unknown one."""
-        return self.cache.get_session(session_id, owner)
+        return self.scheduler.get_session(session_id, owner)
 
     # ---------------------------------------------------------------- internals
     def _cost_model(self, num_gpu_blocks: int) -> CostModel:
@@ -328,7 +324,7 @@ class LLMEngine:
         step's inputs resolve on the device and the collection fills in."""
         prev = self.inflight.tokens if self.inflight is not None else None
         logits = self.runner.execute(sched, prev_tokens=prev)
-        self.cache.finish_step()
+        self.scheduler.step_done()
         if logits is None:
             return None
         self.stats.steps += 1
@@ -394,7 +390,6 @@ class LLMEngine:
         return self._output(req, [token], new_text, finished=False)
 
     def _finish(self, req: Request, reason: str, new_token_ids=(), new_text: str = "") -> RequestOutput:
-        self.scheduler.remove(req)
         if req.num_pending:  # the placeholder of a step still running: its token is not wanted
             del req.token_ids[len(req.token_ids) - req.num_pending:]
             req.num_pending = 0
@@ -402,7 +397,7 @@ class LLMEngine:
         req.finish_reason = reason
         if not new_text and req.emitted_text_len < len(req.output_text) and reason != "abort":
             new_text = req.output_text[req.emitted_text_len:]
-        self.cache.release(req)
+        self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
         self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1
         return self._output(req, list(new_token_ids), new_text, finished=True)

@@ -10,14 +10,23 @@ segments sharing one block table. When a running request cannot get a block,
 the newest running request is preempted: suspended into the cache tiers
 (``pensieve`` mode) or freed and recomputed later (other modes). The step's
 decisions reach the runner as a SchedulerOutput.
+
+The scheduler owns the cache manager: the engine reaches the cache tiers and
+the sessions only through the scheduler's methods below (sessions, the step's
+copy bookkeeping, finishing a request), so that every change to what the tiers
+hold goes through one place. ``cache`` stays readable for inspection (tests,
+benchmarks, the metrics snapshot).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+import time
+
 from .cache_manager import CacheManager, SwapPlan
-from .request import Request, RequestStatus
+from .errors import SessionBusyError
+from .request import Request, RequestStatus, Session, SessionKey
 
 
 @dataclass
@@ -76,6 +85,61 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+
+    def finish(self, req: Request) -> None:
+        """Take a request out of the queues and release its blocks (its context stays in its session)."""
+        self.remove(req)
+        self.cache.release(req)
+
+    # ------------------------------------------------------------ sessions
+    def open_turn(self, session_id: str, owner: str | None, request_id: str) -> Session:
+        """The session ``(owner, session_id)``, created if new, marked as running ``request_id``;
+        SessionBusyError while another of its turns runs."""
+        session = self.cache.sessions.get(SessionKey(owner, session_id))
+        if session is not None and session.active_request is not None:
+            raise SessionBusyError(session_id)
+        session = session or self.cache.get_or_create_session(session_id, owner)
+        session.active_request = request_id
+        session.last_active = time.monotonic()
+        session.num_turns += 1
+        return session
+
+    def get_session(self, session_id: str | SessionKey, owner: str | None = None) -> Session:
+        return self.cache.get_session(session_id, owner)
+
+    def delete_session(self, key: SessionKey) -> None:
+        self.cache.delete_session(key)
+
+    def expire_idle(self, ttl: float) -> list[SessionKey]:
+        """Forget the cache of sessions with no running turn idle longer than ``ttl`` seconds."""
+        now = self.cache.clock()
+        expired = [key for key, s in self.cache.sessions.items()
+                   if s.active_request is None and not s.internal and now - s.last_active > ttl]
+        for key in expired:
+            self.cache.delete_session(key)
+        return expired
+
+    def offload(self, session_id: str | SessionKey, owner: str | None = None) -> tuple[int, SwapPlan]:
+        """Plan the copy of an idle session's GPU blocks to the CPU tier: (blocks moved, the plan to run)."""
+        moved = self.cache.offload(session_id, owner)
+        return moved, self.cache.take_plan()
+
+    # ------------------------------------------------------------ step bookkeeping
+    def copies_done(self) -> None:
+        """Every ahead-of-time copy issued so far has completed (the runner polled its event)."""
+        self.cache.copies_done()
+
+    def step_done(self) -> None:
+        """The runner has issued the step's copies: swap-in sources may be reused."""
+        self.cache.finish_step()
+
+    @property
+    def num_gpu_blocks(self) -> int:
+        return self.cache.gpu.num_blocks
+
+    @property
+    def num_cpu_blocks(self) -> int:
+        return self.cache.cpu.num_blocks
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
