@@ -358,7 +358,7 @@ def run_part(args) -> dict:
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        sargs = server_args(v, mode, sizing)
+        sargs = server_args(v, mode, sizing) + (f" {args.server_extra}" if args.server_extra else "")
         srv = argparse.Namespace(model=model, model_name="bench-model", api_key=None, server_args=sargs,
                                  log_dir=args.log_dir, startup_timeout=args.startup_timeout)
         t_start = time.monotonic()
@@ -518,6 +518,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=float, help="override the variant's seconds of arrivals per point")
     ap.add_argument("--drain", type=float, help="override the variant's seconds after the window")
     ap.add_argument("--time-scale", type=float, help="override the variant's think-time scale")
+    ap.add_argument("--server-extra", default="", help="more `serve` flags for every mode (e.g. --swap-impl dma)")
     ap.add_argument("--tpot", type=float, help="override the assumed seconds per output token (sizing)")
     ap.add_argument("--log-dir", default="/tmp/pensieve-sweep-logs")
     ap.add_argument("--startup-timeout", type=float, default=600.0)

@@ -57,6 +57,8 @@ class EngineConfig:
     swap_impl: str = opt("auto", "CPU<->GPU block copies on CUDA: kernel (one launch per layer, the GPU reads and "
                                  "writes pinned host memory directly), dma (one copy per run of adjacent blocks); "
                                  "auto: kernel", ("auto", "kernel", "dma"))
+    swap_ahead_programs: int = opt(4, "programs of the swap kernel for ahead-of-time swap-outs (each holds part of "
+                                      "an SM while it waits on the host link; compute needs the SMs)")
     async_scheduling: str = opt("auto", "schedule and prepare the next step while the device runs this one "
                                         "(sampled tokens stay on the device); auto: on with CUDA",
                                 ("auto", "on", "off"))
@@ -70,6 +72,8 @@ class EngineConfig:
             raise InvalidRequestError(f"block_size must be a positive power of two, got {self.block_size}", "block_size")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]", "gpu_memory_utilization")
+        if self.swap_ahead_programs < 1:
+            raise InvalidRequestError("swap_ahead_programs must be >= 1", "swap_ahead_programs")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be >= 1", "max_num_batched_tokens")
         for name in ("num_gpu_blocks", "num_cpu_blocks", "max_model_len"):

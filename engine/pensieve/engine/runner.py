@@ -117,6 +117,7 @@ class ModelRunner:
         views = [flat[i * per_tensor:(i + 1) * per_tensor].view(shape) for i in range(2 * self.num_layers)]
         self.cpu_caches = [(views[2 * i], views[2 * i + 1]) for i in range(self.num_layers)]
         self.swapper = Swapper(self.kv_caches, self.cpu_caches, self.device, self.config.swap_impl)
+        self.swapper.ahead_programs = self.config.swap_ahead_programs
 
     @torch.inference_mode()
     def time_chunk(self, position: int, repeats: int = 3) -> float:

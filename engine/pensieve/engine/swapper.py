@@ -14,7 +14,8 @@ from .cache_manager import SwapPlan
 
 log = logging.getLogger("pensieve.engine")
 
-#: Programs of an ahead-of-time swap-out launch. Those copies are not waited for,
+#: Programs of an ahead-of-time swap-out launch (the default of
+#: ``--swap-ahead-programs``). Those copies are not waited for,
 #: but each program holds part of an SM while it waits on the host link, and a
 #: GEMM that cannot place its tiles on those SMs runs a slower wave: on the H200
 #: sweep (issue 12) the swap kernel's default 32 programs made pensieve mode's
