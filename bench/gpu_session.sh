@@ -43,3 +43,4 @@ step tier_invariant "${TI_LIMIT:-70}" python3 bench/tier_invariant.py --shape ll
 step tier_invariant_fp32 "${TF_LIMIT:-100}" python3 bench/tier_invariant.py --shape llama3-8b --dtype float32 \
     --out "$OUT/tier_invariant_fp32.json"
 step profile_step "${PS_LIMIT:-70}" python3 bench/profile_step.py --shape llama3-8b --history 4096 --new 200 --decodes 256
+step sweep_check "${SWEEP_LIMIT:-480}" bash bench/sweep_check.sh
