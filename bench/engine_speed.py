@@ -89,6 +89,9 @@ def part_engine(args) -> dict:
                                     max_num_batched_tokens=4096, max_num_seqs=256))
     startup = time.perf_counter() - t0
     print(f"start-up {startup:.1f} s ({engine.num_gpu_blocks} GPU blocks)", flush=True)
+    from pensieve.engine.heap import freeze_startup_heap
+
+    freeze_startup_heap()  # as `serve` does after start-up
     compiles = watch_triton_compiles()  # from here on, any compile is one made while serving
     m = model_numbers(engine.model_config)
     vocab = engine.model_config["vocab_size"]

@@ -76,12 +76,14 @@ def _raise_fd_limit(max_connections: int) -> None:
 
 def run_server(args: argparse.Namespace) -> int:
     from ..engine import LLMEngine
+    from ..heap import freeze_startup_heap
 
     engine_config = dataclass_from_args(EngineConfig, args)
     server_config = dataclass_from_args(ServerConfig, args)
     _raise_fd_limit(server_config.max_connections)
     memory.limit_arenas()  # before any thread of ours starts allocating
     engine = LLMEngine(engine_config)
+    freeze_startup_heap()  # no full garbage collection walks the model's objects while serving
     try:
         return asyncio.run(serve(engine, server_config))
     except OSError as e:
