@@ -93,6 +93,7 @@ def part_engine(args) -> dict:
 
     freeze_startup_heap()  # as `serve` does after start-up
     compiles = watch_triton_compiles()  # from here on, any compile is one made while serving
+    collections = watch_collections()
     m = model_numbers(engine.model_config)
     vocab = engine.model_config["vocab_size"]
     rng = random.Random(0)
@@ -119,6 +120,9 @@ def part_engine(args) -> dict:
         runs.append(summarize(m, ceil, n, p, o, seconds, steps))
         runs[-1]["triton_compiles_while_serving"] = list(compiles)
         compiles.clear()
+        runs[-1]["gc_collections"] = dict(count=len(collections), max_ms=max(collections, default=0.0),
+                                          total_ms=sum(collections))
+        collections.clear()
         print(json.dumps(runs[-1]), flush=True)
     return dict(ceilings=ceil, startup_seconds=startup, gpu_blocks=engine.num_gpu_blocks,
                 cuda_graphs=engine.runner.graphs is not None, runs=runs)
@@ -134,6 +138,23 @@ def watch_triton_compiles() -> list[str]:
         triton.knobs.runtime.jit_post_compile_hook = hook
     except (ImportError, AttributeError):
         pass
+    return seen
+
+
+def watch_collections() -> list[float]:
+    """Milliseconds of each garbage collection from now on (a list the callback appends to)."""
+    import gc
+
+    seen: list[float] = []
+    start = [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            seen.append((time.perf_counter() - start[0]) * 1e3)
+
+    gc.callbacks.append(callback)
     return seen
 
 
