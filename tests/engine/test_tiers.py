@@ -288,13 +288,22 @@ def test_compute_waits_only_when_reusing_a_block_an_ahead_copy_may_read():
     a = put_session(cache, "A", 7, last_active=90.0)  # 1 of 8 blocks free: under the 25% watermark
     cache.plan_swap_ahead()
     ahead = cache.take_plan()
-    assert ahead.swap_out_ahead and not ahead.wait_for_copies
+    assert ahead.swap_out_ahead and not ahead.wait_for_copies and ahead.ahead_batch == 1
     copied = {g for g, _ in ahead.swap_out_ahead}
-    assert cache.copying == copied
+    assert cache.copying == dict.fromkeys(copied, 1)
     assert cache.gpu.allocate(1) is not None  # the free block goes first: no wait
     assert cache.reclaim(1)  # the LRU chunk was copied ahead: its block is reused
-    assert cache.take_plan().wait_for_copies
-    cache.copies_done()  # the runner saw the copies' event complete
-    assert cache.reclaim(1)
     plan = cache.take_plan()
-    assert not plan.wait_for_copies and a.chunks[1].gpu is None
+    assert plan.wait_for_batch == 1  # wait for batch 1's copies, the only ones that read that block
+    cache.plan_swap_ahead()  # a second batch, still running when the next block is reclaimed
+    second = cache.take_plan()
+    assert second.ahead_batch == 2 and all(cache.copying[g] == 2 for g, _ in second.swap_out_ahead)
+    cache.copies_done(1)  # the runner saw batch 1's event complete, not batch 2's
+    assert set(cache.copying.values()) == {2}
+    assert cache.reclaim(1)  # the next LRU chunk: copied by batch 2, still running
+    assert cache.take_plan().wait_for_batch == 2
+    cache.copies_done(2)
+    assert not cache.copying
+    assert cache.reclaim(1)  # the next one has no CPU copy yet: an urgent swap-out, ordered on the copy stream
+    plan = cache.take_plan()
+    assert plan.swap_out and not plan.wait_for_copies and a.chunks[2].gpu is None

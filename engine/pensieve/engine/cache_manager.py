@@ -24,6 +24,7 @@ Copies are only planned here (SwapPlan); the runner performs them.
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -87,9 +88,16 @@ class SwapPlan:
     swap_in: list[tuple[int, int]] = field(default_factory=list)         # CPU -> GPU, before the layer reads
     swap_out: list[tuple[int, int]] = field(default_factory=list)        # GPU -> CPU, before the slot is rewritten
     swap_out_ahead: list[tuple[int, int]] = field(default_factory=list)  # GPU -> CPU, no deadline this step
-    # This step reuses a GPU block that an earlier ahead-of-time copy may still be
-    # reading: its compute must wait for those copies (otherwise it never does).
-    wait_for_copies: bool = False
+    # Ahead-of-time copies are numbered by step (1, 2, ...): ``ahead_batch`` is this
+    # plan's number (0: it has none). ``wait_for_batch``: this step reuses a GPU block
+    # that ahead copies up to that number may still be reading, so its compute waits
+    # for them (the copy stream runs batches in order); 0: compute waits for none.
+    ahead_batch: int = 0
+    wait_for_batch: int = 0
+
+    @property
+    def wait_for_copies(self) -> bool:
+        return self.wait_for_batch > 0
 
 
 @dataclass
@@ -117,8 +125,9 @@ class CacheManager:
         self.sessions: dict[SessionKey, Session] = {}
         self.stats = CacheStats()
         self._plan = SwapPlan()
-        # GPU blocks read by ahead-of-time copies not known to be complete (cleared by copies_done)
-        self.copying: set[int] = set()
+        # GPU block -> the ahead-of-time batch reading it, while not known to be complete (copies_done)
+        self.copying: dict[int, int] = {}
+        self._ahead_batches = itertools.count(1)
         self._cpu_free_after_step: list[int] = []
 
     # ------------------------------------------------------------- sessions
@@ -296,8 +305,9 @@ class CacheManager:
                         if earlier.cpu is not None:
                             self._drop_cpu_copy(s, earlier)
             self.stats.evicted_tokens["gpu"] += self._chunk_tokens(s, i)
-            if c.gpu in self.copying:  # its copy to c.cpu may still be reading it
-                self._plan.wait_for_copies = True
+            batch = self.copying.pop(c.gpu, 0)
+            if batch:  # its copy to c.cpu may still be reading it
+                self._plan.wait_for_batch = max(self._plan.wait_for_batch, batch)
             self.gpu.free([c.gpu])
             c.gpu = None
             freed += 1
@@ -395,14 +405,16 @@ class CacheManager:
                 break
             c = s.chunks[i]
             c.cpu = self.cpu.allocate(1)[0]
+            if not self._plan.ahead_batch:
+                self._plan.ahead_batch = next(self._ahead_batches)
             self._plan.swap_out_ahead.append((c.gpu, c.cpu))
-            self.copying.add(c.gpu)
+            self.copying[c.gpu] = self._plan.ahead_batch
             self.stats.swap_out_blocks += 1
             want -= 1
 
-    def copies_done(self) -> None:
-        """Every ahead-of-time copy issued so far has completed (the runner polled its event)."""
-        self.copying.clear()
+    def copies_done(self, batch: int) -> None:
+        """The ahead-of-time batches up to ``batch`` have completed (the runner polled their events)."""
+        self.copying = {g: b for g, b in self.copying.items() if b > batch}
 
     def take_plan(self) -> SwapPlan:
         plan, self._plan = self._plan, SwapPlan()

@@ -216,8 +216,9 @@ class LLMEngine:
         the next step reads them, and the host schedules and prepares that next
         step while the GPU still computes this one. Without it, a step is
         collected at once (same code, no overlap)."""
-        if self.runner.copies_done():
-            self.scheduler.copies_done()
+        done = self.runner.copies_done()
+        if done:
+            self.scheduler.copies_done(done)
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         t0 = time.perf_counter()

@@ -203,7 +203,7 @@ class ModelRunner:
         self.swapper.begin(plan)
         self.swapper.finish_without_compute()
         torch.cuda.synchronize(self.device)
-        self.swapper.ahead_done = None
+        self.swapper.ahead.clear()
 
     # ---------------------------------------------------------------- step
     def prepare(self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
@@ -227,9 +227,10 @@ class ModelRunner:
                                                        self.num_heads, self.num_kv_heads, device=self.device)
         return inputs, v, meta
 
-    def copies_done(self) -> bool:
-        """Have all ahead-of-time swap-outs completed? (Polls an event; never waits.)"""
-        return self.swapper is None or self.swapper.ahead_done is None or self.swapper.ahead_done.query()
+    def copies_done(self) -> int:
+        """The newest ahead-of-time copy batch now known complete, 0 if none since the last call
+        (polls events; never waits)."""
+        return 0 if self.swapper is None else self.swapper.completed_batch()
 
     def _graph_batch(self, out: SchedulerOutput, blocking_swaps: bool, all_logits: bool) -> int | None:
         """The padded batch size of a decode graph that can run this step, if any."""
@@ -251,8 +252,8 @@ class ModelRunner:
         blocking = bool(swaps.swap_in or swaps.swap_out)  # layers must wait for these copies
         if has_swaps and self.swapper is None:
             raise RuntimeError("swaps planned but no CPU tier is allocated")
-        if swaps.wait_for_copies:
-            self.swapper.wait_ahead()  # a block this step rewrites may still be read by an ahead copy
+        if swaps.wait_for_batch:
+            self.swapper.wait_ahead(swaps.wait_for_batch)  # a block rewritten here may still be read
         if has_swaps:
             self.swapper.begin(swaps)
         if not out.chunks:

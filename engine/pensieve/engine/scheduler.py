@@ -125,9 +125,9 @@ class Scheduler:
         return moved, self.cache.take_plan()
 
     # ------------------------------------------------------------ step bookkeeping
-    def copies_done(self) -> None:
-        """Every ahead-of-time copy issued so far has completed (the runner polled its event)."""
-        self.cache.copies_done()
+    def copies_done(self, batch: int) -> None:
+        """The ahead-of-time copy batches up to ``batch`` have completed (the runner polled their events)."""
+        self.cache.copies_done(batch)
 
     def step_done(self) -> None:
         """The runner has issued the step's copies: swap-in sources may be reused."""

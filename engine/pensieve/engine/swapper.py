@@ -3,6 +3,7 @@ tier's host buffer. The runner owns one Swapper and calls it around each step's
 forward pass; the cache manager decides what moves (``SwapPlan``)."""
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -56,8 +57,9 @@ class Swapper:
     Ahead-of-time swap-outs run after the forward pass has been issued, so swap-in
     goes first on the link. On CUDA the copies run on their own stream with one
     event per layer. Compute waits for ahead-of-time copies only in a step that
-    rewrites a block one of them may still be reading (``SwapPlan.wait_for_copies``,
-    set by the cache manager, which polls ``ahead_done`` through the runner); on
+    rewrites a block one of them may still be reading, and then only for the
+    batches up to that block's (``SwapPlan.wait_for_batch``, set by the cache
+    manager, which learns of completed batches through ``completed_batch``); on
     CPU the same calls run synchronously, in the same order.
 
     CUDA copy implementations (``swap_impl``): ``kernel`` moves all of a layer's
@@ -72,7 +74,7 @@ class Swapper:
         self.impl = "kernel" if impl == "auto" else impl
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.events: list = []
-        self.ahead_done = None
+        self.ahead: collections.deque = collections.deque()  # (batch, event) of ahead copies not seen complete
         self.plan: SwapPlan | None = None
         self.ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.programs: int | None = None  # swap kernel's programs (None: the kernel's default)
@@ -96,12 +98,23 @@ class Swapper:
                 event.record(self.stream)
                 self.events.append(event)
 
-    def wait_ahead(self) -> None:
-        """The compute stream waits for every ahead-of-time swap-out issued so far (the
-        copy stream runs them in order): a slot one of them reads is rewritten this step."""
-        if self.cuda and self.ahead_done is not None:
-            torch.cuda.current_stream().wait_event(self.ahead_done)
-            self.ahead_done = None
+    def wait_ahead(self, batch: int) -> None:
+        """The compute stream waits for the ahead-of-time swap-outs up to ``batch`` (the copy
+        stream runs batches in order): a slot one of them reads is rewritten this step."""
+        event = None
+        for b, e in self.ahead:
+            if b > batch:
+                break
+            event = e
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def completed_batch(self) -> int:
+        """The newest ahead-of-time batch known complete since the last call, 0 if none."""
+        done = 0
+        while self.ahead and (self.ahead[0][1] is None or self.ahead[0][1].query()):
+            done = self.ahead.popleft()[0]
+        return done
 
     def wait_for_layer(self, layer: int) -> None:
         if self.cuda:
@@ -117,13 +130,17 @@ class Swapper:
             self.wait_for_layer(len(self.gpu) - 1)
             for layer in range(len(self.gpu)):
                 self._copy_layer(layer, "swap_out_ahead", to_cpu=True)
+            if self.plan.ahead_batch:
+                self.ahead.append((self.plan.ahead_batch, None))  # done already
             return
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for layer in range(len(self.gpu)):
                 self._copy_layer(layer, "swap_out_ahead", to_cpu=True)
-            self.ahead_done = torch.cuda.Event()
-            self.ahead_done.record(self.stream)
+            if self.plan.ahead_batch:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                self.ahead.append((self.plan.ahead_batch, event))
         # A swap-in's source CPU block is freed after this step; its next use is a
         # swap-out on this same stream, which runs after the read: no host wait.
 
