@@ -1,0 +1,137 @@
+"""One tensor-parallel step on the wire: rank 0 broadcasts, every rank runs it.
+
+The scheduler and cache manager run once, on rank 0. For each step rank 0
+broadcasts two int32 tensors (on the device under NCCL, on the host under gloo):
+
+    header[HEADER]: kind | T | S | W | sampled rows | all_logits | #swap_in | #swap_out
+                    | #swap_out_ahead | wait_for_copies
+    payload:        the packed step inputs (``step_inputs.py`` layout, absent when the
+                    step has no chunks) | the swap plan's (src, dst) block-id pairs
+
+``kind`` is STEP or STOP (the workers leave their loop). Every rank then calls
+``run_step`` with the same message: the same swaps on its own shard of the tiers
+(block ids are the same on every rank), the same forward pass (its collectives
+pair up), the same logits (gathered on every rank; only rank 0 samples).
+
+Tensor-parallel steps never hold placeholder tokens (the engine turns asynchronous
+scheduling off) and never replay CUDA graphs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pensieve.kernels import prepare_paged_attention
+
+from .cache_manager import SwapPlan
+from .models import AttentionMetadata
+from .scheduler import SchedulerOutput
+from .step_inputs import build_step_inputs, packed_size, split_views
+
+HEADER = 10
+STEP, STOP = 1, 2
+_SWAP_KINDS = ("swap_in", "swap_out", "swap_out_ahead")
+
+
+def broadcast_step(runner, out: SchedulerOutput, all_logits: bool):
+    """Rank 0: pack ``out``, broadcast it; returns ``run_step``'s arguments."""
+    header = np.zeros(HEADER, dtype=np.int32)
+    parts = []
+    if out.chunks:
+        inputs = build_step_inputs(out, runner.block_size)
+        if inputs.has_placeholders:
+            raise RuntimeError("tensor-parallel steps cannot hold placeholder tokens (asynchronous scheduling is off)")
+        header[1:5] = inputs.num_tokens, inputs.num_segments, inputs.width, len(inputs.sample_rows)
+        parts.append(inputs.packed)
+    header[0], header[5] = STEP, int(all_logits)
+    for i, kind in enumerate(_SWAP_KINDS):
+        pairs = getattr(out.swaps, kind)
+        header[6 + i] = len(pairs)
+        if pairs:
+            parts.append(np.asarray(pairs, dtype=np.int32).reshape(-1))
+    header[9] = int(out.swaps.wait_for_copies)
+    payload = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    runner.tp.broadcast(_to_device(runner, header))
+    dev = _to_device(runner, payload)
+    if payload.size:
+        runner.tp.broadcast(dev)
+    return header, payload, dev
+
+
+def receive_step(runner):
+    """Ranks 1..N-1: the next message, or None for STOP."""
+    header_dev = runner.tp.broadcast(torch.zeros(HEADER, dtype=torch.int32, device=runner.device))
+    header = header_dev.cpu().numpy()
+    if header[0] == STOP:
+        return None
+    n = _payload_len(header)
+    dev = torch.zeros(n, dtype=torch.int32, device=runner.device)
+    if n:
+        runner.tp.broadcast(dev)
+    return header, dev.cpu().numpy(), dev
+
+
+def send_stop(runner) -> None:
+    header = np.zeros(HEADER, dtype=np.int32)
+    header[0] = STOP
+    runner.tp.broadcast(_to_device(runner, header))
+
+
+@torch.inference_mode()
+def run_step(runner, header: np.ndarray, payload: np.ndarray, dev: torch.Tensor) -> torch.Tensor | None:
+    """Every rank: this step's swaps on its shard of the tiers, then the forward pass.
+    Returns float32 logits of the sampled rows (every row's when all_logits)."""
+    t, s, w, n_sample, all_logits = (int(x) for x in header[1:6])
+    inputs_len = packed_size(t, s, w) if t else 0
+    swaps = _swap_plan(header, payload[inputs_len:])
+    has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
+    if has_swaps and runner.swapper is None:
+        raise RuntimeError("swaps planned but no CPU tier is allocated")
+    swapper = runner.swapper
+    # Rank 0's cache manager knows only when rank 0's ahead-of-time copies are done: the
+    # other ranks make every step's compute wait (on the device) for their own.
+    if swapper is not None and (swaps.wait_for_copies or (runner.tp.rank > 0 and t)):
+        swapper.wait_ahead()
+    if has_swaps:
+        swapper.begin(swaps)
+    if not t:
+        if has_swaps:
+            swapper.finish_without_compute()
+        return None
+    v = split_views(dev[:inputs_len], t, s, w)
+    host = split_views(payload[:inputs_len], t, s, w)
+    meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
+                             impl=runner.attention_impl)
+    if swaps.swap_in or swaps.swap_out:
+        meta.wait_for_layer = swapper.wait_for_layer
+    if runner.uses_triton:
+        meta.kernel_plan = prepare_paged_attention(torch.from_numpy(host["seg_q_start"].copy()),
+                                                   torch.from_numpy(host["seg_pos_start"].copy()),
+                                                   runner.num_heads, runner.num_kv_heads, device=runner.device)
+    hidden = runner.model(v["input_ids"], v["positions"], meta, runner.kv_caches)
+    if not all_logits:
+        hidden = hidden.index_select(0, v["sample_rows"][:n_sample])
+    logits = runner.model.compute_logits(hidden).float()
+    if has_swaps:
+        swapper.after_forward()
+    return logits
+
+
+def _payload_len(header: np.ndarray) -> int:
+    t, s, w = (int(x) for x in header[1:4])
+    return (packed_size(t, s, w) if t else 0) + 2 * int(header[6:9].sum())
+
+
+def _swap_plan(header: np.ndarray, flat: np.ndarray) -> SwapPlan:
+    plan = SwapPlan(wait_for_copies=bool(header[9]))
+    at = 0
+    for i, kind in enumerate(_SWAP_KINDS):
+        n = int(header[6 + i])
+        setattr(plan, kind, [tuple(p) for p in flat[at:at + 2 * n].reshape(n, 2).tolist()])
+        at += 2 * n
+    return plan
+
+
+def _to_device(runner, array: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(array)
+    return t.to(runner.device) if runner.device.type == "cuda" else t
