@@ -112,7 +112,7 @@ class LLMEngine:
         try:
             self._start(config)
         except BaseException:
-            self.close()
+            self.close(clean=False)
             raise
 
     def _start(self, config: EngineConfig) -> None:
@@ -164,12 +164,13 @@ class LLMEngine:
         blocks = self.cache.stats.swap_in_blocks if direction == "in" else self.cache.stats.swap_out_blocks
         return blocks * self.runner.pod_bytes_per_block
 
-    def close(self) -> None:
-        """Stop the tensor-parallel workers and leave the group (idempotent; nothing at size 1)."""
+    def close(self, clean: bool = True) -> None:
+        """Stop the tensor-parallel workers and leave the group (idempotent; nothing at size 1).
+        ``clean``: the workers are told to stop between steps; else they are terminated."""
         workers, self._workers = getattr(self, "_workers", None), None
         if workers is None:
             return
-        workers.stop(getattr(self, "runner", None) if not workers.stopped else None)
+        workers.stop(self.runner if clean else None)
         from .parallel import destroy_group
         destroy_group()
 

@@ -98,8 +98,10 @@ class WorkerSet:
         return [p.pid for p in self.processes]
 
     def stop(self, runner=None) -> None:
-        """Ask the workers to leave (when ``runner`` can still broadcast), then reap them;
-        terminate (then kill) any that do not exit in time. Idempotent."""
+        """Ask the workers to leave (when ``runner`` is given: rank 0 is between steps, so
+        the workers wait for its next message) and reap them; without ``runner`` (start-up
+        failed: the workers may be inside another collective) terminate them at once.
+        Any that do not exit in time are terminated, then killed. Idempotent."""
         if self.stopped:
             return
         self.stopped = True
@@ -108,7 +110,7 @@ class WorkerSet:
                 runner.stop_workers()
             except Exception as e:  # the group is broken (a worker died): terminate below
                 log.warning("tensor parallel: could not tell the workers to stop (%s)", e)
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        deadline = time.monotonic() + (JOIN_TIMEOUT_S if runner is not None else 0.0)
         for p in self.processes:
             p.join(max(0.1, deadline - time.monotonic()))
         for p in self.processes:
