@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pensieve.common.memory import cpu_tier_bytes, usable_memory
+from pensieve.common.memory import cpu_tier_bytes, engine_overhead_bytes, usable_memory
 
 from .cache_manager import CacheManager, common_prefix_len
 from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
@@ -331,7 +331,8 @@ class LLMEngine:
         budget = limit if is_cgroup else usable_memory(limit)
         weights = sum(p.numel() * p.element_size() for p in self.runner.model.parameters()) * self.tp.world_size
         on_host = weights + num_gpu_blocks * per_block if self.device.type == "cpu" else 0
-        return cpu_tier_bytes(budget, resident_bytes=on_host) // per_block
+        overhead = engine_overhead_bytes(self.tp.world_size)  # every rank is a process
+        return cpu_tier_bytes(budget, overhead, resident_bytes=on_host) // per_block
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):
