@@ -184,3 +184,34 @@ def test_offloaded_session_resumes_identically(tp_engine, tiny_checkpoint):
         assert engine.cache.stats.context_tokens["cpu"] >= 32 and engine.cache.stats.swap_in_blocks > 0
         engine.delete_session("s")
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("family, source", [("llama", "safetensors"), ("llama", "gguf"), ("qwen2", "gguf"),
+                                            ("llama", "dummy"), ("opt", "dummy"), ("opt", "safetensors")])
+def test_each_rank_loads_a_slice_of_the_full_weights(tiny_checkpoint, tmp_path, monkeypatch, family, source):
+    """Loading needs no process group: rank r of 2 keeps exactly its slice of every tensor,
+    from safetensors, GGUF (q/k permutation undone first) and dummy weights alike."""
+    from gguf_helpers import write_gguf
+    from pensieve.engine.checkpoint import load_model, read_config
+    from pensieve.engine.parallel import TensorParallel
+
+    monkeypatch.setenv("PENSIEVE_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_checkpoint(family)
+    if source == "gguf":
+        write_gguf(model_dir, tmp_path / "tiny.gguf")
+        model_dir = str(tmp_path / "tiny.gguf")
+    cfg = read_config(model_dir)
+    fmt = "dummy" if source == "dummy" else "auto"
+    cpu = torch.device("cpu")
+    full = dict(load_model(model_dir, cfg, cpu, torch.float32, fmt, seed=3).named_parameters())
+    shards = [dict(load_model(model_dir, cfg, cpu, torch.float32, fmt, seed=3, tp=TensorParallel(r, 2))
+                   .named_parameters()) for r in range(2)]
+    sharded = 0
+    for name, param in shards[0].items():
+        take = getattr(param, "tp_take", None)
+        for rank, shard in enumerate(shards):
+            p = shard[name]
+            expected = full[name] if take is None else p.tp_take(full[name])
+            assert torch.equal(p, expected), (name, rank)
+        sharded += take is not None
+    assert sharded >= 4 * cfg["num_hidden_layers"] + 1
