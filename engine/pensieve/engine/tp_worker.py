@@ -16,6 +16,7 @@ and is terminated by ``WorkerSet.stop`` if it does not leave in time.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -46,9 +47,12 @@ def start_group(config: EngineConfig, model_cfg: dict, device: torch.device, dty
     if world == 1:
         return parallel.SINGLE, None, device
     check_divides(world, model_cfg)
+    if torch.distributed.is_initialized():
+        raise RuntimeError("a tensor-parallel engine already runs in this process (one per process); close() it first")
     device = parallel.rank_device(device, 0)
     store = parallel.open_store(world)
     workers = WorkerSet.start(config, model_cfg, device, dtype, max_model_len, store.port)
+    atexit.register(workers.stop)  # an engine never closed: its workers go with the interpreter
     try:
         tp = parallel.init_group(store, 0, world, device)
     except BaseException:
@@ -121,6 +125,7 @@ class WorkerSet:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        atexit.unregister(self.stop)
 
 
 def worker_main(config: EngineConfig, model_cfg: dict, device_type: str, dtype: torch.dtype, max_model_len: int,
