@@ -119,7 +119,8 @@ class WorkerSet:
             p.join(max(0.1, deadline - time.monotonic()))
         for p in self.processes:
             if p.is_alive():
-                log.warning("tensor parallel: worker pid %d did not exit; terminating it", p.pid)
+                (log.warning if runner is not None else log.info)(
+                    "tensor parallel: terminating worker pid %d%s", p.pid, " (it did not exit)" if runner else "")
                 p.terminate()
                 p.join(5)
             if p.is_alive():
