@@ -215,3 +215,22 @@ def test_each_rank_loads_a_slice_of_the_full_weights(tiny_checkpoint, tmp_path, 
             assert torch.equal(p, expected), (name, rank)
         sharded += take is not None
     assert sharded >= 4 * cfg["num_hidden_layers"] + 1
+
+
+def test_watchdog_reports_a_worker_lost_while_serving(tiny_checkpoint):
+    """Under NCCL a lost rank would leave rank 0 blocked in a collective: the watchdog (which
+    exits the process on CUDA) must notice a worker that dies, and stay quiet after stop()."""
+    from pensieve.engine.tp_worker import WorkerSet
+
+    engine = LLMEngine(EngineConfig(model=tiny_checkpoint("llama"), tensor_parallel_size=2, num_gpu_blocks=32,
+                                    **COMMON))
+    workers: WorkerSet = engine._workers
+    lost = []
+    thread = workers.watch(lambda pid, code: lost.append((pid, code)), interval=0.05)
+    time.sleep(0.2)
+    assert not lost
+    os.kill(workers.pids[0], signal.SIGKILL)
+    thread.join(10)
+    assert lost == [(workers.pids[0], -signal.SIGKILL)]
+    engine.close()  # the group is broken: the STOP cannot be delivered, close() still returns
+    assert not torch.distributed.is_initialized()

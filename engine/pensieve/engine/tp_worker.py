@@ -95,7 +95,26 @@ class WorkerSet:
             workers.processes.append(p)
         log.info("tensor parallel: started %d worker process(es): pids %s", world - 1,
                  [p.pid for p in workers.processes])
+        if device.type == "cuda":
+            # A lost rank under NCCL leaves rank 0 blocked in its next collective (gloo fails it
+            # at once): the process exits instead, and its pod is restarted.
+            workers.watch(_exit_lost_rank)
         return workers
+
+    def watch(self, on_lost, interval: float = 1.0) -> threading.Thread:
+        """Call ``on_lost(pid, exitcode)`` (from a daemon thread) if a worker exits before ``stop``."""
+        def loop() -> None:
+            while not self.stopped:
+                for p in self.processes:
+                    code = p.exitcode
+                    if code is not None and not self.stopped:
+                        on_lost(p.pid, code)
+                        return
+                time.sleep(interval)
+
+        thread = threading.Thread(target=loop, name="tp-worker-watchdog", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def pids(self) -> list[int]:
@@ -127,6 +146,13 @@ class WorkerSet:
                 p.kill()
                 p.join(5)
         atexit.unregister(self.stop)
+
+
+def _exit_lost_rank(pid: int, exitcode: int) -> None:
+    log.error("tensor parallel: worker pid %d exited (code %s) while serving; the engine cannot continue "
+              "without it and exits", pid, exitcode)
+    logging.shutdown()
+    os._exit(70)
 
 
 def worker_main(config: EngineConfig, model_cfg: dict, device_type: str, dtype: torch.dtype, max_model_len: int,
