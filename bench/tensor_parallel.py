@@ -17,9 +17,9 @@ a shard is a slice of the size-1 tensor), then
 * throughput: 64 requests x (1240 prompt + 200 output tokens) at once, as
   bench/engine_speed.py's first batch (cache mode none, 4096-token steps).
 
-At sizes above 1 the engine runs without CUDA graphs and asynchronous
-scheduling (see docs/design.md), so the size-1 figure is also given with both
-off (``--same-settings``, on by default) for a like-for-like ratio.
+At sizes above 1 the engine runs without CUDA graphs (see docs/design.md), so
+the size-1 figure is also given without them (``--same-settings``, on by
+default) for a like-for-like ratio.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def part(args) -> dict:
     device = "cpu" if args.smoke else "cuda"
     extra = dict(dtype="float32", num_gpu_blocks=256) if args.smoke else {}
     if args.eager:
-        extra.update(cuda_graphs=False, async_scheduling="off")
+        extra.update(cuda_graphs=False)
     t0 = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=model, load_format="dummy", cache_mode="none", device=device,
                                     max_num_batched_tokens=4096, max_num_seqs=256,
@@ -148,7 +148,7 @@ def _speedup(runs: list[dict]) -> list[dict]:
         for eager, b in base.items():
             if b["shape"] == r["shape"]:
                 out.append(dict(shape=r["shape"], tensor_parallel_size=r["tensor_parallel_size"],
-                                against="tp1 " + ("without graphs/async" if eager else "default settings"),
+                                against="tp1 " + ("without CUDA graphs" if eager else "default settings"),
                                 speedup=b["seconds"] / r["seconds"]))
     return out
 
@@ -177,8 +177,8 @@ def main() -> int:
     ap.add_argument("--big-shape", default=None, help="all: also load and serve this shape at --big-tp")
     ap.add_argument("--big-tp", type=int, default=2)
     ap.add_argument("--same-settings", action=__import__("argparse").BooleanOptionalAction, default=True,
-                    help="all: also run size 1 without CUDA graphs and asynchronous scheduling")
-    ap.add_argument("--eager", action="store_true", help="part: no CUDA graphs, no asynchronous scheduling")
+                    help="all: also run size 1 without CUDA graphs")
+    ap.add_argument("--eager", action="store_true", help="part: no CUDA graphs")
     ap.add_argument("--logits", default=None, help="part: save parity logits and greedy tokens here")
     ap.add_argument("--part-timeout", type=float, default=900)
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, the llama-mini shape, tiny batch (plumbing)")

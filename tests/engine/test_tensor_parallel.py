@@ -70,10 +70,13 @@ def _logits(engine, ids: list[int]) -> torch.Tensor:
 PROMPTS = [list(range(10, 60)), [7, 300, 12, 45, 99, 210, 3, 77, 18, 404, 250, 61]]
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_logits_and_greedy_tokens_match_one_process(tp_engine, tiny_checkpoint, family):
+@pytest.mark.parametrize("family, async_scheduling", [("llama", "on"), ("opt", "off")])
+def test_logits_and_greedy_tokens_match_one_process(tp_engine, tiny_checkpoint, family, async_scheduling):
+    """(With asynchronous scheduling, placeholder ids are resolved from rank 0's sampled tokens,
+    broadcast on the device.)"""
     one = LLMEngine(EngineConfig(model=tiny_checkpoint(family), num_gpu_blocks=64, num_cpu_blocks=16, **COMMON))
-    two = tp_engine(family)
+    two = tp_engine(family, async_scheduling=async_scheduling)
+    assert two.async_scheduling == (async_scheduling == "on")
     if family == "llama":  # GQA: 4 query heads over 2 KV heads, one KV head per rank
         assert (two.runner.num_heads, two.runner.num_kv_heads) == (2, 1)
     assert two.runner.pod_bytes_per_block == one.runner.bytes_per_block == 2 * two.runner.bytes_per_block
@@ -87,11 +90,13 @@ def test_logits_and_greedy_tokens_match_one_process(tp_engine, tiny_checkpoint, 
     assert all(len(t) == 32 for t in expected)
 
 
-def test_multi_turn_under_tier_pressure_matches_stateless(tp_engine, tiny_checkpoint):
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_multi_turn_under_tier_pressure_matches_stateless(tp_engine, tiny_checkpoint, async_scheduling):
     """Swap-out, swap-in and recompute at size 2: every turn equals a stateless recompute."""
     from test_tiers import run_interleaved
 
-    engine = tp_engine("llama", num_gpu_blocks=16, num_cpu_blocks=6, max_num_batched_tokens=48)
+    engine = tp_engine("llama", num_gpu_blocks=16, num_cpu_blocks=6, max_num_batched_tokens=48,
+                       async_scheduling=async_scheduling)
     oracle = LLMEngine(EngineConfig(model=tiny_checkpoint("llama"), cache_mode="none", num_gpu_blocks=256, **COMMON))
     assert run_interleaved(engine, oracle, seed=7, n_sessions=6, n_turns=4) == 24
     stats = engine.cache.stats

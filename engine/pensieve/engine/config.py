@@ -62,8 +62,7 @@ class EngineConfig:
                                 ("auto", "on", "off"))
     tensor_parallel_size: int = opt(1, "shard the model and both cache tiers across this many processes, one per "
                                        "GPU (NCCL; gloo on CPU), by attention and KV head; must divide the model's "
-                                       "attention heads, KV heads and MLP width. Above 1, asynchronous scheduling "
-                                       "and CUDA graphs are off")
+                                       "attention heads, KV heads and MLP width. Above 1, CUDA graphs are off")
     cuda_graphs: bool = opt(True, "replay decode steps from CUDA graphs captured at start-up (CUDA only)")
     session_idle_timeout: float = opt(3600.0, "seconds after which an idle session is forgotten: its KV cache "
                                               "here and its record in the session store; 0 keeps sessions "

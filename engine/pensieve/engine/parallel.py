@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,10 @@ class TensorParallel:
 
     rank: int = 0
     world_size: int = 1
+    # the host group (gloo) that carries each step's message; None: the default group
+    # (which is gloo on CPU). Under NCCL a separate gloo group lets a worker's host take
+    # the next step while its GPU still runs this one.
+    host_group: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -90,6 +94,11 @@ class TensorParallel:
         torch.distributed.broadcast(t, src=0)
         return t
 
+    def broadcast_host(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's host tensor ``t`` into every rank's, in place, over the host group."""
+        torch.distributed.broadcast(t, src=0, group=self.host_group)
+        return t
+
     def min_int(self, value: int, device: torch.device) -> int:
         """The smallest of the ranks' ``value`` (every rank gets it)."""
         t = torch.tensor([value], dtype=torch.int64, device=device)
@@ -123,8 +132,9 @@ def init_group(store, rank: int, world_size: int, device: torch.device) -> Tenso
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                          timeout=TIMEOUT, **kwargs)
+    host_group = torch.distributed.new_group(backend="gloo") if backend == "nccl" else None
     log.info("tensor parallel: rank %d of %d joined (%s)", rank, world_size, backend)
-    return TensorParallel(rank, world_size)
+    return TensorParallel(rank, world_size, host_group)
 
 
 def destroy_group() -> None:

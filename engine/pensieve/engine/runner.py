@@ -260,7 +260,7 @@ class ModelRunner:
         that are placeholders are read from there)."""
         if self.tp.enabled:
             from .tp_step import broadcast_step, run_step
-            return run_step(self, *broadcast_step(self, out, all_logits))
+            return run_step(self, *broadcast_step(self, out, all_logits, prev_tokens))
         swaps = out.swaps
         has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
         blocking = bool(swaps.swap_in or swaps.swap_out)  # layers must wait for these copies

@@ -1,10 +1,12 @@
 """One tensor-parallel step on the wire: rank 0 broadcasts, every rank runs it.
 
 The scheduler and cache manager run once, on rank 0. For each step rank 0
-broadcasts two int32 tensors (on the device under NCCL, on the host under gloo):
+broadcasts two int32 host tensors over the host group (gloo; a separate group
+when the model's collectives use NCCL, so a worker's host receives the next
+step while its GPU still runs this one):
 
     header[HEADER]: kind | T | S | W | sampled rows | all_logits | #swap_in | #swap_out
-                    | #swap_out_ahead | wait_for_copies
+                    | #swap_out_ahead | wait_for_copies | #previous tokens
     payload:        the packed step inputs (``step_inputs.py`` layout, absent when the
                     step has no chunks) | the swap plan's (src, dst) block-id pairs
 
@@ -13,8 +15,10 @@ broadcasts two int32 tensors (on the device under NCCL, on the host under gloo):
 (block ids are the same on every rank), the same forward pass (its collectives
 pair up), the same logits (gathered on every rank; only rank 0 samples).
 
-Tensor-parallel steps never hold placeholder tokens (the engine turns asynchronous
-scheduling off) and never replay CUDA graphs.
+Asynchronous scheduling: a step's input ids may be placeholders for the tokens
+the previous step sampled, which only rank 0's device holds. Rank 0 then
+broadcasts those tokens over the model's group, on the device (in stream order:
+no host waits), and every rank resolves the placeholders from them.
 """
 from __future__ import annotations
 
@@ -26,22 +30,24 @@ from pensieve.kernels import prepare_paged_attention
 from .cache_manager import SwapPlan
 from .models import AttentionMetadata
 from .scheduler import SchedulerOutput
-from .step_inputs import build_step_inputs, packed_size, split_views
+from .step_inputs import build_step_inputs, packed_size, resolve_placeholders, split_views
 
-HEADER = 10
+HEADER = 11
 STEP, STOP = 1, 2
 _SWAP_KINDS = ("swap_in", "swap_out", "swap_out_ahead")
 
 
-def broadcast_step(runner, out: SchedulerOutput, all_logits: bool):
+def broadcast_step(runner, out: SchedulerOutput, all_logits: bool, prev_tokens: torch.Tensor | None):
     """Rank 0: pack ``out``, broadcast it; returns ``run_step``'s arguments."""
     header = np.zeros(HEADER, dtype=np.int32)
     parts = []
     if out.chunks:
         inputs = build_step_inputs(out, runner.block_size)
-        if inputs.has_placeholders:
-            raise RuntimeError("tensor-parallel steps cannot hold placeholder tokens (asynchronous scheduling is off)")
         header[1:5] = inputs.num_tokens, inputs.num_segments, inputs.width, len(inputs.sample_rows)
+        if inputs.has_placeholders:
+            if prev_tokens is None:
+                raise RuntimeError("step inputs hold placeholders but no previous step's tokens were given")
+            header[10] = prev_tokens.numel()
         parts.append(inputs.packed)
     header[0], header[5] = STEP, int(all_logits)
     for i, kind in enumerate(_SWAP_KINDS):
@@ -51,34 +57,32 @@ def broadcast_step(runner, out: SchedulerOutput, all_logits: bool):
             parts.append(np.asarray(pairs, dtype=np.int32).reshape(-1))
     header[9] = int(out.swaps.wait_for_copies)
     payload = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    runner.tp.broadcast(_to_device(runner, header))
-    dev = _to_device(runner, payload)
+    runner.tp.broadcast_host(torch.from_numpy(header))
     if payload.size:
-        runner.tp.broadcast(dev)
-    return header, payload, dev
+        runner.tp.broadcast_host(torch.from_numpy(payload))
+    return header, payload, prev_tokens if header[10] else None
 
 
 def receive_step(runner):
     """Ranks 1..N-1: the next message, or None for STOP."""
-    header_dev = runner.tp.broadcast(torch.zeros(HEADER, dtype=torch.int32, device=runner.device))
-    header = header_dev.cpu().numpy()
+    header = runner.tp.broadcast_host(torch.zeros(HEADER, dtype=torch.int32)).numpy()
     if header[0] == STOP:
         return None
-    n = _payload_len(header)
-    dev = torch.zeros(n, dtype=torch.int32, device=runner.device)
-    if n:
-        runner.tp.broadcast(dev)
-    return header, dev.cpu().numpy(), dev
+    payload = torch.zeros(_payload_len(header), dtype=torch.int32)
+    if payload.numel():
+        runner.tp.broadcast_host(payload)
+    return header, payload.numpy(), None
 
 
 def send_stop(runner) -> None:
     header = np.zeros(HEADER, dtype=np.int32)
     header[0] = STOP
-    runner.tp.broadcast(_to_device(runner, header))
+    runner.tp.broadcast_host(torch.from_numpy(header))
 
 
 @torch.inference_mode()
-def run_step(runner, header: np.ndarray, payload: np.ndarray, dev: torch.Tensor) -> torch.Tensor | None:
+def run_step(runner, header: np.ndarray, payload: np.ndarray, prev_tokens: torch.Tensor | None
+             ) -> torch.Tensor | None:
     """Every rank: this step's swaps on its shard of the tiers, then the forward pass.
     Returns float32 logits of the sampled rows (every row's when all_logits)."""
     t, s, w, n_sample, all_logits = (int(x) for x in header[1:6])
@@ -98,8 +102,13 @@ def run_step(runner, header: np.ndarray, payload: np.ndarray, dev: torch.Tensor)
         if has_swaps:
             swapper.finish_without_compute()
         return None
-    v = split_views(dev[:inputs_len], t, s, w)
+    v = split_views(_inputs_on_device(runner, payload[:inputs_len]), t, s, w)
     host = split_views(payload[:inputs_len], t, s, w)
+    if header[10]:  # placeholders: the previous step's tokens, from rank 0's device
+        if prev_tokens is None:
+            prev_tokens = torch.empty(int(header[10]), dtype=torch.int64, device=runner.device)
+        runner.tp.broadcast(prev_tokens)
+        resolve_placeholders(v["input_ids"], prev_tokens)
     meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
                              impl=runner.attention_impl)
     if swaps.swap_in or swaps.swap_out:
@@ -132,6 +141,10 @@ def _swap_plan(header: np.ndarray, flat: np.ndarray) -> SwapPlan:
     return plan
 
 
-def _to_device(runner, array: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(array)
-    return t.to(runner.device) if runner.device.type == "cuda" else t
+def _inputs_on_device(runner, packed: np.ndarray) -> torch.Tensor:
+    """The packed inputs on the device: one copy from pinned memory (no host wait on CUDA)."""
+    if runner.device.type != "cuda":
+        return torch.from_numpy(packed)
+    host = runner.staging.next(packed.size)
+    host.numpy()[:] = packed
+    return host.to(runner.device, non_blocking=True)
