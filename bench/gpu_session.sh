@@ -11,6 +11,9 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/engine:$PWD/kernels:$PWD/common:$PWD/router:$PWD/operator${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 # STEPS (space-separated names below) picks a subset: STEPS="kernel_tests kernels_bench" bash bench/gpu_session.sh
+# Not in the default list (they need 2+ GPUs: nvidia-h200-x2 or -x4):
+#   STEPS="tensor_parallel_tests tensor_parallel" bash bench/gpu_session.sh    (one device call, < 10 min)
+#   STEPS="tensor_parallel_70b" bash bench/gpu_session.sh                      (a second call)
 STEPS="${STEPS:-kernel_tests engine_gpu_tests speed_engine speed_hf speed_http kernels_bench swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
@@ -44,3 +47,9 @@ step tier_invariant_fp32 "${TF_LIMIT:-100}" python3 bench/tier_invariant.py --sh
     --out "$OUT/tier_invariant_fp32.json"
 step profile_step "${PS_LIMIT:-70}" python3 bench/profile_step.py --shape llama3-8b --history 4096 --new 200 --decodes 256
 step sweep_check "${SWEEP_LIMIT:-480}" bash bench/sweep_check.sh
+step tensor_parallel_tests "${TPT_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider -rs \
+    tests/engine/test_tensor_parallel_gpu.py tests/engine/test_tensor_parallel.py
+step tensor_parallel "${TPB_LIMIT:-420}" python3 bench/tensor_parallel.py all --sizes 1 "${TP_SIZE:-2}" \
+    --out "$OUT/tensor_parallel.json"
+step tensor_parallel_70b "${TPC_LIMIT:-540}" python3 bench/tensor_parallel.py part --tp "${TP_SIZE:-2}" \
+    --shape llama2-70b --out "$OUT/tensor_parallel_70b.json"

@@ -18,6 +18,11 @@ SHAPES = {
                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=32768,
                           rms_norm_eps=1e-5, rope_theta=500000.0, torch_dtype="bfloat16",
                           tie_word_embeddings=False, hidden_act="silu"),
+    # Llama-2-70B (the paper's tensor-parallel setting): 80 layers, 64 query heads, 8 KV heads, head dim 128.
+    "llama2-70b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=8192,
+                       intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       torch_dtype="float16", tie_word_embeddings=False, hidden_act="silu"),
     # A scaled-down shape with the same structure, to check the scripts on a CPU.
     "llama-mini": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=512,
                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=512,

@@ -207,6 +207,8 @@ def test_invalid_specs_rejected_by_schema(co, namespace):
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "InvalidSpec", "minReplicas (5) must not exceed maxReplicas (2)"),
     ({"resources": {"gpusPerPod": 1, "gpuProduct": "NVIDIA-B200"}}, "NoMatchingNodes", "NVIDIA-B200"),
     ({"cache": {"cpuCache": "600Gi"}, "resources": {"gpusPerPod": 1, "gpuProduct": "NVIDIA-A10"}}, "NodesTooSmall", "gpu-a10-0"),
+    ({"model": {**SAMPLE["spec"]["model"], "numKeyValueHeads": 2}, "resources": {"gpusPerPod": 4}}, "InvalidSpec",
+     "does not divide the model's 2 KV heads"),
 ])
 def test_invalid_specs_reported_degraded(api, co, apps, core, namespace, spec_over, reason, needle):
     body = json.loads(json.dumps(SAMPLE))

@@ -25,10 +25,12 @@ def test_node_shapes(shape, gpus_per_pod, pods, share, util, settings):
     assert s.fits, s.message
     assert s.capacity_pods == pods
     assert s.memory_limit_bytes == s.memory_request_bytes == share
-    assert s.cpu_cache_bytes == share - OVERHEAD
+    # one engine process per GPU of the pod (tensor parallelism), each with the engine overhead
+    overhead = OVERHEAD * gpus_per_pod
+    assert s.cpu_cache_bytes == share - overhead
     assert s.gpu_memory_utilization == pytest.approx(util)
     st = s.to_status()
-    assert st["cpuCacheBytes"] == share - OVERHEAD and st["explanation"] and st["podMemoryLimit"].endswith("Mi")
+    assert st["cpuCacheBytes"] == share - overhead and st["explanation"] and st["podMemoryLimit"].endswith("Mi")
 
 
 def test_time_sliced_explained(settings):
@@ -89,6 +91,18 @@ def test_node_selector_taints_and_cordon(settings):
                                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
     s = compute_sizing([tainted, cordoned, other], tol, settings)
     assert s.fits and s.capacity_pods == 1 and [n.name for n in s.nodes if n.fits] == ["g"]
+
+
+def test_tensor_parallel_pod_counts_every_rank(settings):
+    """gpusPerPod 4: one engine of 4 processes; an explicit CPU cache is the whole pod's."""
+    s = compute_sizing([NODES["8xH100"]()], make_spec(resources={"gpusPerPod": 4}, cache={"cpuCache": "64Gi"}),
+                       settings)
+    assert s.fits and s.capacity_pods == 2
+    assert s.cpu_cache_bytes == 64 * GiB and s.memory_limit_bytes == 64 * GiB + 4 * OVERHEAD
+    assert any("× 4" in line and "tensor-parallel" in line for line in s.explanation)
+    none = compute_sizing([NODES["8xH100"]()], make_spec(resources={"gpusPerPod": 4}, engine={"cacheMode": "none"}),
+                          settings)
+    assert none.memory_limit_bytes == 4 * OVERHEAD and none.cpu_cache_bytes == 0
 
 
 def test_not_enough_gpus(settings):

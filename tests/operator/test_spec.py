@@ -47,11 +47,26 @@ def test_quantities_and_sources():
     ({"engine": {"cacheMode": "none"}, "cache": {"cpuCache": "8Gi"}}, "needs engine.cacheMode pensieve"),
     ({"router": {"serviceType": "Ingress"}}, "spec.router.serviceType: must be one of"),
     ({"resources": {"cpu": "many"}}, "spec.resources.cpu: not a quantity"),
+    ({"resources": {"gpusPerPod": 3}, "model": {"source": {"hostPath": {"path": "/m"}}, "numKeyValueHeads": 8}},
+     "spec.resources.gpusPerPod: 3 GPUs per pod shard one engine 3 ways (tensor parallelism), which does not "
+     "divide the model's 8 KV heads"),
+    ({"model": {"source": {"hostPath": {"path": "/m"}}, "numKeyValueHeads": 0}}, "spec.model.numKeyValueHeads: must be >= 1"),
+    ({"engine": {"env": [{"name": "PENSIEVE_TENSOR_PARALLEL_SIZE", "value": "2"}]}}, "is set by the operator"),
+    ({"engine": {"extraArgs": ["--tensor-parallel-size", "2"]}}, "--tensor-parallel-size is set by the operator"),
 ])
 def test_invalid_specs_are_reported(over, needle):
     with pytest.raises(SpecError) as e:
         make_spec(**over)
     assert any(needle in err for err in e.value.errors), e.value.errors
+
+
+@pytest.mark.parametrize("gpus, kv_heads, size", [(4, 8, 4), (2, None, 2), (0, 8, 1), (1, 3, 1), (8, 8, 8)])
+def test_gpus_per_pod_is_the_tensor_parallel_size(gpus, kv_heads, size):
+    model = {"source": {"hostPath": {"path": "/m"}}}
+    if kv_heads:
+        model["numKeyValueHeads"] = kv_heads
+    spec = make_spec(resources={"gpusPerPod": gpus}, model=model)
+    assert spec.resources.tensor_parallel_size == size and spec.num_key_value_heads == kv_heads
 
 
 def test_all_errors_are_collected():

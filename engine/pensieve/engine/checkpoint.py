@@ -17,6 +17,7 @@ import torch
 from .errors import CheckpointError
 from .gguf_checkpoint import GGUFFile, converted_dir, find_gguf, iter_gguf_tensors
 from .models import MODEL_REGISTRY
+from .parallel import SINGLE, TensorParallel
 
 log = logging.getLogger("pensieve.engine")
 
@@ -77,17 +78,19 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_model(cfg: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(cfg: dict, device: torch.device, dtype: torch.dtype,
+                tp: TensorParallel = SINGLE) -> torch.nn.Module:
     cls = MODEL_REGISTRY[cfg["architecture"]]
     with torch.device(device), _default_dtype(dtype):
-        return cls(cfg).eval()
+        return cls(cfg, tp).eval()
 
 
 def load_model(model_dir: str, cfg: dict, device: torch.device, dtype: torch.dtype,
-               load_format: str = "auto", seed: int = 0) -> torch.nn.Module:
-    """Build the model on ``device`` and fill its weights (from the folder, or random for 'dummy')."""
+               load_format: str = "auto", seed: int = 0, tp: TensorParallel = SINGLE) -> torch.nn.Module:
+    """Build the model on ``device`` and fill its weights (from the folder, or random for 'dummy').
+    With tensor parallelism each rank reads the full tensors and keeps its shard."""
     start = time.perf_counter()
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, tp)
     if load_format == "dummy":
         _fill_dummy(model, seed)
         log.info("dummy weights for %s (%.1fM parameters) in %.1fs", cfg["architecture"],
@@ -171,12 +174,19 @@ def safetensors_files(model_dir: str) -> list[Path]:
 
 
 def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
+    """Random weights, one parameter at a time. A sharded parameter is drawn at its full
+    (size-1) shape and cut to this rank's shard, so every tensor-parallel size sees the
+    same model (the generator's sequence does not depend on the size)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1 and ("norm" in name):
             p.data.fill_(1.0)
-        else:
+        elif getattr(p, "tp_take", None) is None:
             p.data.normal_(0.0, 0.02, generator=gen)
+        else:
+            full = torch.empty(p.tp_full_shape, dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=gen)
+            p.data.copy_(p.tp_take(full))
+            del full
 
 
 def _progress(text: str, done: bool) -> None:

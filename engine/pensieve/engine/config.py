@@ -62,6 +62,9 @@ class EngineConfig:
     async_scheduling: str = opt("auto", "schedule and prepare the next step while the device runs this one "
                                         "(sampled tokens stay on the device); auto: on with CUDA",
                                 ("auto", "on", "off"))
+    tensor_parallel_size: int = opt(1, "shard the model and both cache tiers across this many processes, one per "
+                                       "GPU (NCCL; gloo on CPU), by attention and KV head; must divide the model's "
+                                       "attention heads, KV heads and MLP width. Above 1, CUDA graphs are off")
     cuda_graphs: bool = opt(True, "replay decode steps from CUDA graphs captured at start-up (CUDA only)")
     session_idle_timeout: float = opt(3600.0, "seconds after which an idle session is forgotten: its KV cache "
                                               "here and its record in the session store; 0 keeps sessions "
@@ -74,6 +77,8 @@ class EngineConfig:
             raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]", "gpu_memory_utilization")
         if self.swap_ahead_programs < 1:
             raise InvalidRequestError("swap_ahead_programs must be >= 1", "swap_ahead_programs")
+        if self.tensor_parallel_size < 1:
+            raise InvalidRequestError("tensor_parallel_size must be >= 1", "tensor_parallel_size")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be >= 1", "max_num_batched_tokens")
         for name in ("num_gpu_blocks", "num_cpu_blocks", "max_model_len"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pensieve.common.memory import cpu_tier_bytes, usable_memory
+from pensieve.common.memory import cpu_tier_bytes, engine_overhead_bytes, usable_memory
 
 from .cache_manager import CacheManager, common_prefix_len
 from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
@@ -35,6 +35,7 @@ from .request import Request, RequestOutput, RequestStatus, Session, SessionKey
 from .runner import ModelRunner
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
+from .tp_worker import agree_gpu_blocks, start_group
 
 log = logging.getLogger("pensieve.engine")
 
@@ -106,11 +107,24 @@ class LLMEngine:
         self.eos_token_ids = _eos_ids(config.model, self.model_config, self.tokenizer)
         self.served_model_name = config.served_model_name or _default_name(config.model)
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.model_config, self.device, self.dtype, self.max_model_len)
-        num_blocks = config.num_gpu_blocks or self.runner.profile_num_blocks(self.max_model_len)
+        # --tensor-parallel-size N: N-1 worker processes hold the other shards (tp_worker.py)
+        self.tp, self._workers, self.device = start_group(config, self.model_config, self.device, self.dtype,
+                                                          self.max_model_len)
+        try:
+            self._start(config)
+        except BaseException:
+            self.close(clean=False)
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
+        """Model, both cache tiers, scheduler, warm-up (every rank in step: tp_worker.py)."""
+        self.runner = ModelRunner(config, self.model_config, self.device, self.dtype, self.max_model_len, self.tp)
+        num_blocks = agree_gpu_blocks(self.runner, config, self.max_model_len)
         self.runner.allocate_cache(num_blocks)
         self.cost_model = self._cost_model(num_blocks)
         num_cpu_blocks = self._num_cpu_blocks(num_blocks)
+        if self.tp.enabled:
+            num_cpu_blocks = self.tp.share_int(num_cpu_blocks, self.device)
         self.runner.allocate_cpu_cache(num_cpu_blocks)
         cache = CacheManager(num_blocks, config.block_size, config.cache_mode, config.eviction,
                              num_cpu_blocks=num_cpu_blocks, cost_model=self.cost_model)
@@ -126,11 +140,13 @@ class LLMEngine:
         self._token_host = PinnedPair(config.max_num_seqs, torch.int64, pin=self.device.type == "cuda")
         self.async_scheduling = config.async_scheduling == "on" or (
             config.async_scheduling == "auto" and self.device.type == "cuda")
+        if self.tp.enabled and config.cuda_graphs and self.device.type == "cuda":
+            log.info("tensor parallel: CUDA graphs are off at size %d", self.tp.world_size)
         self._ids = itertools.count()
         log.info("engine ready: %s on %s (%s), %d GPU-tier + %d CPU-tier blocks of %d tokens (%.2f MiB each), "
                  "max_model_len %d, cache mode %s, eviction %s (cost: %s)",
                  self.model_config["architecture"], self.device, str(self.dtype).replace("torch.", ""),
-                 num_blocks, num_cpu_blocks, config.block_size, self.runner.bytes_per_block / 2**20,
+                 num_blocks, num_cpu_blocks, config.block_size, self.runner.pod_bytes_per_block / 2**20,
                  self.max_model_len, config.cache_mode, config.eviction, self.cost_model.source)
 
     # ---------------------------------------------------------------- API
@@ -149,8 +165,19 @@ class LLMEngine:
         return self.scheduler.num_cpu_blocks
 
     def swap_bytes(self, direction: str) -> int:
+        """Bytes copied between the tiers, summed over the tensor-parallel ranks."""
         blocks = self.cache.stats.swap_in_blocks if direction == "in" else self.cache.stats.swap_out_blocks
-        return blocks * self.runner.bytes_per_block
+        return blocks * self.runner.pod_bytes_per_block
+
+    def close(self, clean: bool = True) -> None:
+        """Stop the tensor-parallel workers and leave the group (idempotent; nothing at size 1).
+        ``clean``: the workers are told to stop between steps; else they are terminated."""
+        workers, self._workers = getattr(self, "_workers", None), None
+        if workers is None:
+            return
+        workers.stop(self.runner if clean else None)
+        from .parallel import destroy_group
+        destroy_group()
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Render messages with the checkpoint's chat template and tokenize (InvalidRequestError if
@@ -277,6 +304,9 @@ class LLMEngine:
         analytic = CostModel.analytic(self.model_config, self.config.block_size, self.max_model_len)
         if self.device.type != "cuda" or self.config.cache_mode != "pensieve" or self.config.eviction != "retention":
             return analytic
+        if self.tp.enabled:  # timing a chunk would need the workers in step: the FLOP count ranks alike
+            log.info("tensor parallel: analytic chunk cost (no measured profile)")
+            return analytic
         name = torch.cuda.get_device_name(self.device)
         path = profile_cache_path(self.model_config, name, str(self.dtype), self.config.block_size)
         # The last profiled chunk must end inside the context.
@@ -293,14 +323,15 @@ class LLMEngine:
             return 0
         if config.num_cpu_blocks is not None:
             return config.num_cpu_blocks
-        per_block = self.runner.bytes_per_block
+        per_block = self.runner.pod_bytes_per_block  # the pod's memory holds every rank's shard
         if config.cpu_cache_bytes_value() is not None:
             return config.cpu_cache_bytes_value() // per_block
         limit, is_cgroup = host_memory_limit()
         budget = limit if is_cgroup else usable_memory(limit)
-        weights = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in self.runner.model.parameters()) * self.tp.world_size
         on_host = weights + num_gpu_blocks * per_block if self.device.type == "cpu" else 0
-        return cpu_tier_bytes(budget, resident_bytes=on_host) // per_block
+        overhead = engine_overhead_bytes(self.tp.world_size)  # every rank is a process
+        return cpu_tier_bytes(budget, overhead, resident_bytes=on_host) // per_block
 
     def _tokenize(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -15,6 +15,7 @@ from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .pinned import PinnedPair
 from .models import AttentionMetadata
+from .parallel import SINGLE, TensorParallel
 from .scheduler import SchedulerOutput
 from .step_inputs import StepInputs, build_step_inputs, packed_size, resolve_placeholders
 from .swapper import HostBuffer, Swapper
@@ -25,17 +26,23 @@ CPU_DEFAULT_CACHE_BYTES = 2 << 30  # the "GPU tier" on a CPU-only machine
 
 
 class ModelRunner:
+    """Owns this rank's model shard and its shard of both cache tiers. With tensor
+    parallelism (``tp.enabled``) every rank has one: rank 0's ``execute`` broadcasts
+    each step (``tp_step.py``) and runs it; the other ranks run ``serve_steps``."""
+
     def __init__(self, config: EngineConfig, model_cfg: dict, device: torch.device, dtype: torch.dtype,
-                 max_model_len: int):
+                 max_model_len: int, tp: TensorParallel = SINGLE):
         self.config = config
+        self.tp = tp
         self.device, self.dtype = device, dtype
         self.block_size = config.block_size
-        self.model = load_model(config.model, model_cfg, device, dtype, config.load_format, config.seed)
+        self.model = load_model(config.model, model_cfg, device, dtype, config.load_format, config.seed, tp)
         self.num_layers = len(self.model.layers)
+        # this rank's heads: the KV cache and both tiers hold num_kv_heads / N heads per block
         self.num_kv_heads, self.head_dim = self.model.num_kv_heads, self.model.head_dim
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.num_heads = model_cfg["num_attention_heads"]
+        self.num_heads = self.model.num_heads
         try:  # decided once here ("triton" or "ref") and passed down to every kernel call
             self.attention_impl = resolve_impl(config.attention_impl, device)
         except ValueError as e:
@@ -49,13 +56,19 @@ class ModelRunner:
         largest = packed_size(config.max_num_batched_tokens, 2 * config.max_num_seqs, width)
         self.staging = PinnedPair(largest, torch.int32, pin=device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
-        if device.type == "cuda" and config.cuda_graphs:
+        if device.type == "cuda" and config.cuda_graphs and not tp.enabled:  # (the engine logs why not)
             self.graphs = DecodeGraphs(self, min(config.max_num_seqs, 256), width, self.staging)
 
     @property
     def bytes_per_block(self) -> int:
+        """Bytes of one block on this rank (its KV heads)."""
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def pod_bytes_per_block(self) -> int:
+        """Bytes of one block over all ranks (every rank holds the same block ids)."""
+        return self.bytes_per_block * self.tp.world_size
 
     # ---------------------------------------------------------------- sizing
     def profile_num_blocks(self, max_model_len: int) -> int:
@@ -247,6 +260,9 @@ class ModelRunner:
         logits of the sampling rows, in chunk order (every token's when ``all_logits``).
         ``prev_tokens``: the previous step's sampled ids, on the device (input ids
         that are placeholders are read from there)."""
+        if self.tp.enabled:
+            from .tp_step import broadcast_step, run_step
+            return run_step(self, *broadcast_step(self, out, all_logits, prev_tokens))
         swaps = out.swaps
         has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
         blocking = bool(swaps.swap_in or swaps.swap_out)  # layers must wait for these copies
@@ -275,3 +291,20 @@ class ModelRunner:
         if has_swaps:
             self.swapper.after_forward()
         return logits
+
+    # ---------------------------------------------------------------- tensor parallelism
+    def serve_steps(self) -> None:
+        """Ranks 1..N-1: execute the steps rank 0 broadcasts, until it says stop."""
+        from .tp_step import receive_step, run_step
+
+        while True:
+            step = receive_step(self)
+            if step is None:
+                return
+            run_step(self, *step)
+
+    def stop_workers(self) -> None:
+        """Rank 0: tell the other ranks to leave ``serve_steps``."""
+        from .tp_step import send_stop
+
+        send_stop(self)

@@ -75,6 +75,7 @@ class Swapper:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.events: list = []
         self.ahead: collections.deque = collections.deque()  # (batch, event) of ahead copies not seen complete
+        self.done_watermark = 0  # the newest ahead batch seen complete
         self.plan: SwapPlan | None = None
         self.ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.programs: int | None = None  # swap kernel's programs (None: the kernel's default)
@@ -114,6 +115,7 @@ class Swapper:
         done = 0
         while self.ahead and (self.ahead[0][1] is None or self.ahead[0][1].query()):
             done = self.ahead.popleft()[0]
+        self.done_watermark = max(self.done_watermark, done)
         return done
 
     def wait_for_layer(self, layer: int) -> None:

@@ -109,6 +109,8 @@ def engine_env(spec: PensieveSpec, sizing: Sizing) -> dict[str, str]:
     }
     if spec.engine.max_model_len:
         env["PENSIEVE_MAX_MODEL_LEN"] = str(spec.engine.max_model_len)
+    if spec.resources.tensor_parallel_size > 1:  # one engine over the pod's GPUs
+        env["PENSIEVE_TENSOR_PARALLEL_SIZE"] = str(spec.resources.tensor_parallel_size)
     env.update(session_store.session_env(spec.name, spec.namespace, spec.sessions))
     return env
 

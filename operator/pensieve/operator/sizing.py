@@ -8,7 +8,10 @@ taints tolerated, enough `nvidia.com/gpu`):
 * usable memory = allocatable memory × (1 − node reserve fraction);
 * a pod's memory share = usable memory / pods per node;
 * CPU cache: `auto` → share − engine overhead; a quantity → as given, and the pod
-  needs cache + overhead; cacheMode gpu-only/none → no CPU cache;
+  needs cache + overhead; cacheMode gpu-only/none → no CPU cache; the engine
+  overhead is per engine process: gpusPerPod > 1 runs one tensor-parallel engine
+  of gpusPerPod processes, so the overhead counts gpusPerPod times and the CPU
+  cache is the whole pod's (the ranks split every block by KV head);
   (the reserve and the overhead are ``pensieve.common.memory``, the formula the
   engine's own ``--cpu-cache-bytes auto`` uses);
 * memory request = limit = cache + overhead (Guaranteed QoS: the CPU tier is pinned
@@ -28,7 +31,7 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping
 
-from pensieve.common.memory import cpu_tier_bytes, usable_memory
+from pensieve.common.memory import cpu_tier_bytes, engine_overhead_bytes, usable_memory
 
 from .quantity import format_bytes, human_bytes, parse_bytes, parse_quantity
 from .settings import Settings
@@ -165,10 +168,10 @@ def _fit_node(node: Mapping[str, Any], spec: PensieveSpec, s: Settings) -> NodeF
     if need is not None and share < need:
         return dataclasses.replace(fit, fits=False, reason=(
             f"memory share {human_bytes(share)} per pod < {human_bytes(need)} needed"))
-    if need is None and cpu_tier_bytes(share, s.engine_memory_overhead_bytes) < s.min_cpu_cache_bytes:
+    if need is None and cpu_tier_bytes(share, pod_overhead(spec, s)) < s.min_cpu_cache_bytes:
         return dataclasses.replace(fit, fits=False, reason=(
             f"memory share {human_bytes(share)} per pod leaves less than the minimum CPU cache "
-            f"{human_bytes(s.min_cpu_cache_bytes)} after the engine overhead {human_bytes(s.engine_memory_overhead_bytes)}"))
+            f"{human_bytes(s.min_cpu_cache_bytes)} after the engine overhead {human_bytes(pod_overhead(spec, s))}"))
     if k > 0 and gpu_mem is not None:
         gpu_share = gpu_mem * spec.cache.gpu_memory_utilization / replicas
         if gpu_share < s.min_gpu_memory_bytes:
@@ -178,12 +181,17 @@ def _fit_node(node: Mapping[str, Any], spec: PensieveSpec, s: Settings) -> NodeF
     return fit
 
 
+def pod_overhead(spec: PensieveSpec, s: Settings) -> int:
+    """Memory outside the CPU tier: the engine overhead once per process (tensor-parallel rank)."""
+    return engine_overhead_bytes(spec.resources.tensor_parallel_size, s.engine_memory_overhead_bytes)
+
+
 def _pod_memory_need(spec: PensieveSpec, s: Settings) -> int | None:
     """Fixed memory a pod needs, or None when the CPU cache is sized from the node (auto)."""
     if spec.engine.cache_mode != "pensieve":
-        return s.engine_memory_overhead_bytes
+        return pod_overhead(spec, s)
     if spec.cache.cpu_cache_bytes is not None:
-        return spec.cache.cpu_cache_bytes + s.engine_memory_overhead_bytes
+        return spec.cache.cpu_cache_bytes + pod_overhead(spec, s)
     return None
 
 
@@ -217,7 +225,11 @@ def compute_sizing(nodes: Iterable[Mapping[str, Any]], spec: PensieveSpec, setti
         return Sizing(False, reason, msg, nodes=tuple(fits), explanation=tuple(explanation))
 
     s = settings
-    overhead = s.engine_memory_overhead_bytes
+    overhead = pod_overhead(spec, s)
+    if spec.resources.tensor_parallel_size > 1:
+        explanation.append(f"gpusPerPod {spec.resources.gpus_per_pod}: one engine of {spec.resources.gpus_per_pod} "
+                           f"tensor-parallel processes; engine overhead {human_bytes(s.engine_memory_overhead_bytes)} "
+                           f"× {spec.resources.gpus_per_pod}; the CPU cache is shared by the ranks")
     need = _pod_memory_need(spec, s)
     smallest = min(good, key=lambda f: f.share_bytes)
     if need is None:

@@ -29,6 +29,7 @@ RESERVED_ENV = {
     "PENSIEVE_GPU_MEMORY_UTILIZATION", "PENSIEVE_CACHE_MODE", "PENSIEVE_BLOCK_SIZE", "PENSIEVE_EVICTION",
     "PENSIEVE_API_KEY",  # spec.auth: from a Secret, never a plain value
     "PENSIEVE_SESSION_STORE", "PENSIEVE_SESSION_IDLE_TIMEOUT", "PENSIEVE_MAX_SESSIONS_PER_KEY",
+    "PENSIEVE_TENSOR_PARALLEL_SIZE",  # spec.resources.gpusPerPod
 }
 
 
@@ -83,6 +84,11 @@ class ResourcesSpec:
     cpu: str = ""
     node_selector: tuple[tuple[str, str], ...] = ()
     tolerations: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """One engine spans the pod's GPUs: one process (rank) per GPU; CPU-only pods: 1."""
+        return max(1, self.gpus_per_pod)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +168,7 @@ class PensieveSpec:
     inference_pool: InferencePoolSpec = InferencePoolSpec()
     model_cache: ModelCacheSpec = ModelCacheSpec()
     sessions: SessionsSpec = SessionsSpec()
+    num_key_value_heads: int | None = None  # the model's, when the spec states it (checks gpusPerPod)
 
     @property
     def model_dir(self) -> str:
@@ -244,6 +251,7 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
     if not model:
         errors.append("spec.model: required")
     served_name = r.str(model, "servedName", "spec.model", name) or name
+    kv_heads = r.int(model, "numKeyValueHeads", "spec.model", None, lo=1)
     src = r.obj(model.get("source"), "spec.model.source")
     kinds = [k for k in ("pvc", "hostPath", "huggingFace") if src.get(k) is not None]
     source = ModelSource(kind="")
@@ -313,6 +321,8 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
         tolerations=tuple(dict(t) for t in tolerations if isinstance(t, Mapping)),
     )
 
+    _check_tensor_parallel(resources, kv_heads, engine, errors)
+
     c = r.obj(spec.get("cache"), "spec.cache")
     cpu_cache = r.str(c, "cpuCache", "spec.cache", "auto") or "auto"
     cpu_cache_bytes = None
@@ -370,8 +380,21 @@ def parse_spec(body: Mapping[str, Any], *, default_engine_image: str, default_ro
         name=name, namespace=namespace, replicas=replicas, served_name=served_name, source=source, engine=engine,
         resources=resources, cache=cache, autoscaling=autoscaling, router=router, monitoring=monitoring,
         auth=auth, network_policy=network_policy, inference_pool=inference_pool, model_cache=model_cache,
-        sessions=sessions,
+        sessions=sessions, num_key_value_heads=kv_heads,
     )
+
+
+def _check_tensor_parallel(resources: ResourcesSpec, kv_heads: int | None, engine: EngineSpec,
+                           errors: list[str]) -> None:
+    """gpusPerPod is the engine's tensor-parallel size: it must split the KV heads evenly."""
+    size = resources.tensor_parallel_size
+    if kv_heads and size > 1 and kv_heads % size:
+        errors.append(f"spec.resources.gpusPerPod: {size} GPUs per pod shard one engine {size} ways "
+                      f"(tensor parallelism), which does not divide the model's {kv_heads} KV heads "
+                      f"(spec.model.numKeyValueHeads); use a divisor of {kv_heads}")
+    if any(a == "--tensor-parallel-size" or a.startswith("--tensor-parallel-size=") for a in engine.extra_args):
+        errors.append("spec.engine.extraArgs: --tensor-parallel-size is set by the operator from "
+                      "spec.resources.gpusPerPod")
 
 
 def _parse_auth(r: _Reader, spec: Mapping[str, Any]) -> AuthSpec:

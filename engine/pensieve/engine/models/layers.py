@@ -100,3 +100,91 @@ def _scale_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tenso
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
     raise NotImplementedError(f"rope scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+# ---------------------------------------------------------------- tensor parallelism (Megatron sharding)
+#
+# Every parameter whose rank-local shape differs from the checkpoint's carries
+# ``tp_take(full) -> local``: the one function that cuts this rank's shard out of the
+# full tensor (checkpoint loading of unfused tensors, and dummy weights, which are
+# generated at full size on every rank and cut, so that a shard at size N is exactly a
+# slice of the size-1 tensor). ``tp_full_shape`` is that full shape. Parameters
+# without them are replicated. At size 1 the factories return plain nn.Linear and
+# nn.Embedding: the single-device path has no collective and no extra call.
+
+
+def mark_shard(param: nn.Parameter, full_shape: tuple[int, ...], take: Callable) -> None:
+    param.tp_full_shape = tuple(full_shape)
+    param.tp_take = take
+
+
+def column_linear(in_features: int, out_sizes: list[int], bias: bool, tp) -> nn.Linear:
+    """y = x W^T with W's output rows split across ranks; ``out_sizes``: the full sizes of the
+    pieces fused into one matmul (q, k, v or gate, up), each split separately. No collective."""
+    local = [tp.split(n, "projection width") for n in out_sizes]
+    layer = nn.Linear(in_features, sum(local), bias=bias)
+    if tp.enabled:
+        def take(full: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tp.narrow(p, 0) for p in full.split(out_sizes, dim=0)], dim=0)
+        mark_shard(layer.weight, (sum(out_sizes), in_features), take)
+        if bias:
+            mark_shard(layer.bias, (sum(out_sizes),), take)
+    return layer
+
+
+class RowParallelLinear(nn.Linear):
+    """y = sum over ranks of x_r W_r^T, then the bias once: input features split across
+    ranks (the output of a column-parallel layer), one all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp):
+        super().__init__(tp.split(in_features, "projection width"), out_features, bias=bias)
+        self.tp = tp
+        mark_shard(self.weight, (out_features, in_features), lambda full: tp.narrow(full, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(nn.functional.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+def row_linear(in_features: int, out_features: int, bias: bool, tp) -> nn.Linear:
+    if not tp.enabled:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return RowParallelLinear(in_features, out_features, bias, tp)
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Each rank holds ``vocab_part`` rows of the table; ids outside them embed to zero
+    here and the all-reduce sums the one rank's row into every rank."""
+
+    def __init__(self, vocab: int, dim: int, tp):
+        super().__init__(tp.vocab_part(vocab), dim)
+        self.tp = tp
+        self.start = tp.rank * self.num_embeddings
+        mark_shard(self.weight, (vocab, dim), tp.vocab_shard)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(x.masked_fill(outside.unsqueeze(-1), 0.0))
+
+
+def vocab_embedding(vocab: int, dim: int, tp) -> nn.Embedding:
+    return nn.Embedding(vocab, dim) if not tp.enabled else VocabParallelEmbedding(vocab, dim, tp)
+
+
+class LMHead(nn.Linear):
+    """Logits: each rank its ``vocab_part`` rows of the output matrix; the slices are
+    gathered (every rank gets them; rank 0 samples) and the padding rows cut off."""
+
+    def __init__(self, dim: int, vocab: int, tp):
+        super().__init__(dim, tp.vocab_part(vocab), bias=False)
+        self.tp, self.vocab = tp, vocab
+        mark_shard(self.weight, (vocab, dim), tp.vocab_shard)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.tp.gather_last(nn.functional.linear(hidden, self.weight))[..., :self.vocab]
+
+
+def lm_head(dim: int, vocab: int, tp) -> nn.Linear:
+    return nn.Linear(dim, vocab, bias=False) if not tp.enabled else LMHead(dim, vocab, tp)

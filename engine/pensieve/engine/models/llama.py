@@ -7,7 +7,9 @@ from torch import nn
 
 from pensieve.kernels import silu_and_mul
 
-from .layers import Attention, AttentionMetadata, RMSNorm, RotaryEmbedding
+from ..parallel import SINGLE, TensorParallel
+from .layers import (Attention, AttentionMetadata, RMSNorm, RotaryEmbedding, column_linear, lm_head, row_linear,
+                     vocab_embedding)
 
 
 def rope_settings(cfg: dict) -> tuple[float, dict | None]:
@@ -23,23 +25,29 @@ def rope_settings(cfg: dict) -> tuple[float, dict | None]:
 
 
 class LlamaLayer(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool):
+    """One decoder layer; with tensor parallelism it holds this rank's heads (q and KV
+    heads split evenly) and 1/N of the MLP's width."""
+
+    def __init__(self, cfg: dict, layer_idx: int, qkv_bias: bool, tp: TensorParallel = SINGLE):
         super().__init__()
         hidden = cfg["hidden_size"]
-        self.num_heads = cfg["num_attention_heads"]
-        self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
-        self.head_dim = cfg.get("head_dim") or hidden // self.num_heads
+        total_heads = cfg["num_attention_heads"]
+        total_kv = cfg.get("num_key_value_heads") or total_heads
+        self.head_dim = cfg.get("head_dim") or hidden // total_heads
+        self.num_heads = tp.split(total_heads, "attention heads (num_attention_heads)")
+        self.num_kv_heads = tp.split(total_kv, "KV heads (num_key_value_heads)")
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # q, k and v (and gate, up) are fused into one matmul each; see load_weight.
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=bool(cfg.get("attention_bias", False)))
+        full_q, full_kv = total_heads * self.head_dim, total_kv * self.head_dim
+        self.qkv_proj = column_linear(hidden, [full_q, full_kv, full_kv], qkv_bias, tp)
+        self.o_proj = row_linear(full_q, hidden, bool(cfg.get("attention_bias", False)), tp)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, layer_idx)
         inter = cfg["intermediate_size"]
         mlp_bias = bool(cfg.get("mlp_bias", False))
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=mlp_bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=mlp_bias)
-        self.intermediate = inter
+        self.gate_up_proj = column_linear(hidden, [inter, inter], mlp_bias, tp)
+        self.down_proj = row_linear(inter, hidden, mlp_bias, tp)
+        self.intermediate = tp.split(inter, "MLP width (intermediate_size)")
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
@@ -65,22 +73,23 @@ class LlamaForCausalLM(nn.Module):
 
     qkv_bias_default = False
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         hidden = cfg["hidden_size"]
         qkv_bias = bool(cfg.get("attention_bias", self.qkv_bias_default))
-        self.embed_tokens = nn.Embedding(cfg["vocab_size"], hidden)
-        self.layers = nn.ModuleList(LlamaLayer(cfg, i, qkv_bias) for i in range(cfg["num_hidden_layers"]))
+        self.embed_tokens = vocab_embedding(cfg["vocab_size"], hidden, tp)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, i, qkv_bias, tp) for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(hidden, cfg.get("rms_norm_eps", 1e-6))
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
-        self.lm_head = nn.Linear(hidden, cfg["vocab_size"], bias=False)
+        self.lm_head = lm_head(hidden, cfg["vocab_size"], tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         layer = self.layers[0]
         theta, scaling = rope_settings(cfg)
         self.rotary = RotaryEmbedding(layer.head_dim, cfg.get("max_position_embeddings", 4096), theta, scaling)
-        self.num_kv_heads, self.head_dim = layer.num_kv_heads, layer.head_dim
+        # this rank's heads (all of them at size 1)
+        self.num_heads, self.num_kv_heads, self.head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -126,12 +135,13 @@ class LlamaForCausalLM(nn.Module):
                 sizes = ([layer.q_size, layer.kv_size, layer.kv_size] if our_piece == "qkv_proj"
                          else [layer.intermediate, layer.intermediate])
                 start = sum(sizes[:shard])
-                _copy_checked(target.data.narrow(0, start, sizes[shard]), tensor, name)
+                # this rank's rows of the piece (its heads / its share of the MLP width)
+                _copy_checked(target.data.narrow(0, start, sizes[shard]), self.tp.narrow(tensor, 0), name)
                 return True
         target = params.get(name)
         if target is None:
             return False
-        _copy_checked(target.data, tensor, name)
+        _copy_checked(target.data, shard_of(target, tensor, name), name)
         return True
 
 
@@ -151,6 +161,18 @@ def _checkpoint_name(name: str) -> str:
     return name if name.startswith("lm_head") else "model." + name
 
 
+def shard_of(param: torch.Tensor, full: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's part of a full checkpoint tensor for ``param`` (itself when replicated)."""
+    take = getattr(param, "tp_take", None)
+    if take is None:
+        return full
+    full_shape = param.tp_full_shape
+    if tuple(full.shape) != full_shape:
+        from ..errors import CheckpointError
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(full.shape)}, the config implies {full_shape}")
+    return take(full)
+
+
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         from ..errors import CheckpointError
@@ -161,14 +183,14 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias_default = True
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, tp: TensorParallel = SINGLE):
         cfg = dict(cfg)
         cfg.setdefault("attention_bias", True)
-        super().__init__(cfg)
+        super().__init__(cfg, tp)
         # Qwen2's o_proj has no bias even though q/k/v do.
         for layer in self.layers:
             if layer.o_proj.bias is not None:
-                layer.o_proj = nn.Linear(layer.q_size, cfg["hidden_size"], bias=False)
+                layer.o_proj = row_linear(layer.q_size * tp.world_size, cfg["hidden_size"], False, tp)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -4,21 +4,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Attention, AttentionMetadata
-from .llama import _copy_checked
+from ..parallel import SINGLE, TensorParallel
+from .layers import Attention, AttentionMetadata, column_linear, lm_head, row_linear, vocab_embedding
+from .llama import _copy_checked, shard_of
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, bias: bool, layer_idx: int):
+    """q, k, v column-parallel (this rank's heads), out_proj row-parallel (bias added once)."""
+
+    def __init__(self, hidden: int, num_heads: int, bias: bool, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
         head_dim = hidden // num_heads
-        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.attn = Attention(num_heads, num_heads, head_dim, head_dim ** -0.5, layer_idx)
+        local_heads = tp.split(num_heads, "attention heads (num_attention_heads)")
+        self.q_proj = column_linear(hidden, [hidden], bias, tp)
+        self.k_proj = column_linear(hidden, [hidden], bias, tp)
+        self.v_proj = column_linear(hidden, [hidden], bias, tp)
+        self.out_proj = row_linear(hidden, hidden, bias, tp)
+        self.attn = Attention(local_heads, local_heads, head_dim, head_dim ** -0.5, layer_idx)
 
     def forward(self, h, positions, meta: AttentionMetadata, kv_cache):
         qkv = torch.cat([self.q_proj(h), self.k_proj(h), self.v_proj(h)], dim=-1)
@@ -26,18 +30,18 @@ class OPTAttention(nn.Module):
 
 
 class OPTLayer(nn.Module):
-    def __init__(self, cfg: dict, layer_idx: int):
+    def __init__(self, cfg: dict, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
         hidden = cfg["hidden_size"]
-        self.num_heads = cfg["num_attention_heads"]
-        self.head_dim = hidden // self.num_heads
+        self.head_dim = hidden // cfg["num_attention_heads"]
+        self.num_heads = tp.split(cfg["num_attention_heads"], "attention heads (num_attention_heads)")
         bias = bool(cfg.get("enable_bias", True))
         affine = bool(cfg.get("layer_norm_elementwise_affine", True))
-        self.self_attn = OPTAttention(hidden, self.num_heads, bias, layer_idx)
+        self.self_attn = OPTAttention(hidden, cfg["num_attention_heads"], bias, layer_idx, tp)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = nn.Linear(hidden, cfg["ffn_dim"], bias=bias)
-        self.fc2 = nn.Linear(cfg["ffn_dim"], hidden, bias=bias)
+        self.fc1 = column_linear(hidden, [cfg["ffn_dim"]], bias, tp)
+        self.fc2 = row_linear(cfg["ffn_dim"], hidden, bias, tp)
         self.pre_norm = bool(cfg.get("do_layer_norm_before", True))
         act = cfg.get("activation_function", "relu")
         if act != "relu":
@@ -56,24 +60,27 @@ class OPTLayer(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
-    def __init__(self, cfg: dict):
+    """With tensor parallelism: vocabulary-parallel token embedding and LM head; the
+    learned positions, layer norms and projections in/out are replicated (small)."""
+
+    def __init__(self, cfg: dict, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         hidden = cfg["hidden_size"]
         proj = cfg.get("word_embed_proj_dim") or hidden
-        self.embed_tokens = nn.Embedding(cfg["vocab_size"], proj)
+        self.embed_tokens = vocab_embedding(cfg["vocab_size"], proj, tp)
         self.embed_positions = nn.Embedding(cfg["max_position_embeddings"] + POSITION_OFFSET, hidden)
         self.project_in = nn.Linear(proj, hidden, bias=False) if proj != hidden else None
         self.project_out = nn.Linear(hidden, proj, bias=False) if proj != hidden else None
-        self.layers = nn.ModuleList(OPTLayer(cfg, i) for i in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(OPTLayer(cfg, i, tp) for i in range(cfg["num_hidden_layers"]))
         keep_final = cfg.get("do_layer_norm_before", True) and not cfg.get("_remove_final_layer_norm", False)
         affine = bool(cfg.get("layer_norm_elementwise_affine", True))
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine) if keep_final else None
-        self.lm_head = nn.Linear(proj, cfg["vocab_size"], bias=False)
+        self.lm_head = lm_head(proj, cfg["vocab_size"], tp)
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", True))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.num_kv_heads = self.layers[0].num_heads
+        self.num_heads = self.num_kv_heads = self.layers[0].num_heads  # this rank's
         self.head_dim = self.layers[0].head_dim
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
@@ -109,5 +116,5 @@ class OPTForCausalLM(nn.Module):
         target = dict(self.named_parameters()).get(name)
         if target is None:
             return False
-        _copy_checked(target.data, tensor, name)
+        _copy_checked(target.data, shard_of(target, tensor, name), name)
         return True
