@@ -155,14 +155,16 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, session_id: str | None = None,
-                    owner: str | None = None, history: list[int] | None = None) -> str:
+                    owner: str | None = None, history: list[int] | None = None, stored_context: int = 0) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError (and
         subclasses) for bad input, leaving the engine untouched.
 
         The session is ``(owner, session_id)``: another owner's session of the same id is
         a different session. ``history`` is the conversation's token history as the
         caller's session store last recorded it; the prompt's prefix that matches it and
-        that this engine's cache does not hold is counted (and reported) as recomputed."""
+        that this engine's cache does not hold is counted (and reported) as recomputed.
+        ``stored_context`` instead of ``history``: the length of that matching prefix, when the
+        caller computed it (the HTTP server does, so the history never crosses to the engine)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
@@ -194,6 +196,8 @@ class LLMEngine:
         req = Request(request_id, list(token_ids), len(token_ids), params, max_tokens, session=session)
         if history:
             req.stored_context = common_prefix_len(history, req.token_ids)
+        elif stored_context:
+            req.stored_context = max(0, min(int(stored_context), len(req.token_ids)))
         req.seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         if params.detokenize or params.stop:
             req.text = TextStream(self.tokenizer, token_ids, params.stop)

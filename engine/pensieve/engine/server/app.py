@@ -28,7 +28,8 @@ Status codes: 400 bad input (also a context too long: code
 refuses), 401 missing or wrong key, 404 unknown model, session or route, 405
 wrong method, 408 body not received within ``--body-timeout``, 409 session
 busy, 413 body over ``--max-body-bytes``, 429 waiting queue full
-(Retry-After), 503 draining (or ``--max-connections`` open), 500 an internal
+(Retry-After), 503 draining (or ``--max-connections`` open, or the engine died:
+``engine_unavailable``), 500 an internal
 error. Request body extensions: ``session_id``, ``session_mode``,
 ``ignore_eos``, ``top_k``.
 
@@ -56,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..cache_manager import common_prefix_len
 from ..detokenizer import TextStream
 from ..errors import EngineDeadError
 from ..request import SessionKey
@@ -385,7 +387,10 @@ class PensieveServer:
         finished = False
         try:
             prompt_ids = await self._encode(messages, greq.prompt)
-            fut, queue = self.worker.add(rid, prompt_ids, engine_params(params), sid, owner, history)
+            stored = 0
+            if history:  # a long history is compared off the loop, and never sent to the engine
+                stored = await self.loop.run_in_executor(self._tokenizer_pool, common_prefix_len, history, prompt_ids)
+            fut, queue = self.worker.add(rid, prompt_ids, engine_params(params), sid, owner, stored)
             try:
                 lg["prompt"] = await fut
             except Exception as e:

@@ -7,7 +7,7 @@ single-threaded, so the loop is the one caller of every engine method.
 
 Commands (plain tuples, picklable):
 
-    ("add", cid, request_id, prompt_ids, params, session_id, owner, history)
+    ("add", cid, request_id, prompt_ids, params, session_id, owner, stored_context)
     ("abort", request_id)
     ("call", cid, op_name, args)      # ops.OPS[op_name](engine, *args); cid None: no reply wanted
     ("stop",)                         # leave the loop
@@ -110,12 +110,12 @@ class EngineLoop:
         for cmd in cmds:
             kind = cmd[0]
             if kind == "add":
-                _, cid, rid, prompt_ids, params, session_id, owner, history = cmd
+                _, cid, rid, prompt_ids, params, session_id, owner, stored = cmd
                 try:
                     if len(engine.scheduler.waiting) >= self.max_waiting_requests:
                         raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
                     engine.add_request(prompt_ids, params, request_id=rid, session_id=session_id, owner=owner,
-                                       history=history)
+                                       stored_context=stored)
                     batch.results.append((cid, True, engine.requests[rid].num_prompt_tokens))
                 except PensieveError as e:
                     batch.results.append((cid, False, portable(e)))

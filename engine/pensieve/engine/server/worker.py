@@ -81,14 +81,15 @@ class EngineClient:
             self.transport.post(cmd)
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, session_id: str | None,
-            owner: str | None, history: list[int] | None = None) -> tuple[asyncio.Future, asyncio.Queue]:
+            owner: str | None, stored_context: int = 0) -> tuple[asyncio.Future, asyncio.Queue]:
         """Queue a request (token ids, tokenized beforehand in the server's pool). ``params`` should
-        not ask the engine for text (the server makes it: detokenizer.py). Returns a future (the
-        prompt's token count, or the error) and the queue of its outputs."""
+        not ask the engine for text (the server makes it: detokenizer.py). ``stored_context``: the
+        prompt's leading tokens the session store already had (LLMEngine.add_request). Returns a
+        future (the prompt's token count, or the error) and the queue of its outputs."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         cid, fut = self._future()
-        self._post(("add", cid, request_id, prompt_ids, params, session_id, owner, history))
+        self._post(("add", cid, request_id, prompt_ids, params, session_id, owner, stored_context))
         return fut, queue
 
     def abort(self, request_id: str, keep_stream: bool = False) -> None:
