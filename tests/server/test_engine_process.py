@@ -4,7 +4,7 @@
   event (engine_unavailable), /ready is false from then on, the server logs
   why and exits 1 (so that Kubernetes restarts the pod).
 - SIGTERM of the server: it drains, stops the engine process and exits 0,
-  leaving no process behind.
+  leaving no process behind; SIGKILL of the server takes the engine with it.
 - An engine that fails to start: the server exits 1 with the engine's error.
 """
 from __future__ import annotations
@@ -127,3 +127,11 @@ def test_engine_process_flag_from_the_environment(tiny_ckpt, tmp_path, value):
     finally:
         stop_server(srv)
     assert srv.proc.returncode == 0
+
+
+def test_engine_process_dies_with_a_killed_server(tiny_ckpt, tmp_path):
+    srv = start_server(tiny_ckpt, tmp_path / "server.log")
+    pid = engine_pid(srv.log)
+    srv.proc.kill()
+    srv.proc.wait(10)
+    assert gone(pid), "the engine process outlived a SIGKILLed server"
