@@ -135,3 +135,35 @@ def test_engine_process_dies_with_a_killed_server(tiny_ckpt, tmp_path):
     srv.proc.kill()
     srv.proc.wait(10)
     assert gone(pid), "the engine process outlived a SIGKILLed server"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _maps_cuda_driver(pid: int) -> bool:
+    return "libcuda.so" in open(f"/proc/{pid}/maps").read()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device")
+def test_only_the_engine_process_uses_the_gpu(tiny_ckpt, tmp_path):
+    """CUDA initializes in the engine process alone (spawned, never forked from a CUDA parent)."""
+    log = tmp_path / "cuda.log"
+    cmd = [sys.executable, "-m", "pensieve.engine", "serve", "--model", str(tiny_ckpt), "--device", "cuda",
+           "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(free_port()),
+           "--session-store", f"sqlite:///{tmp_path / 'cuda.sqlite3'}"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "serving" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        pid = engine_pid(log)
+        # The driver library is loaded when CUDA initializes (PIDs in nvidia-smi may be another namespace's).
+        assert _maps_cuda_driver(pid) and not _maps_cuda_driver(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
