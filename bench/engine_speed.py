@@ -231,7 +231,7 @@ def part_http(args) -> dict:
     n, p, o = SMOKE["http"] if args.smoke else HTTP_BATCH
     try:
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-        result = asyncio.run(_http_load(port, n, p, o, Path(model).name, vocab))
+        result = asyncio.run(_http_load(port, n, p, o, Path(model).name, vocab, server.poll))
     finally:
         server.terminate()
         server.wait(60)
@@ -239,13 +239,15 @@ def part_http(args) -> dict:
     return result
 
 
-async def _http_load(port: int, n: int, p: int, o: int, served_name: str, vocab: int) -> dict:
+async def _http_load(port: int, n: int, p: int, o: int, served_name: str, vocab: int, exited) -> dict:
     import aiohttp
 
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900),
                                      connector=aiohttp.TCPConnector(limit=0)) as http:
         for _ in range(900):
+            if exited() is not None:
+                raise SystemExit(f"serve exited with code {exited()} before it was ready (see its log above)")
             try:
                 async with http.get(base + "/ready") as r:
                     if r.status == 200:

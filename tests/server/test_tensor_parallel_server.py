@@ -1,6 +1,6 @@
 """`serve --tensor-parallel-size 2` (CPU, gloo): the official openai client gets the same
 answers as from a one-process server, sessions reuse their cache, and SIGTERM leaves
-no process behind (the server owns its worker rank)."""
+no process behind (the engine process owns its worker rank)."""
 from __future__ import annotations
 
 import os
@@ -16,9 +16,11 @@ TURNS = ["tell me about the cache", "and the GPU tier?"]
 
 
 def _children(pid: int) -> list[int]:
+    """Every descendant: the engine process, the worker rank it started, their helpers."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
+        for c in (task / "children").read_text().split():
+            out += [int(c)] + _children(int(c))
     return out
 
 
@@ -52,7 +54,7 @@ def test_serve_at_size_two_answers_like_one_process_and_exits_cleanly(tiny_ckpt,
         stop_server(one)
     two = start_server(tiny_ckpt, tmp_path / "two.log", *args, "--tensor-parallel-size", "2", env=env)
     try:
-        children = _children(two.proc.pid)  # the worker rank (and multiprocessing's resource tracker)
+        children = _children(two.proc.pid)  # the engine process, its worker rank, resource trackers
         worker = int(re.search(r"started 1 worker process\(es\): pids \[(\d+)\]", two.log.read_text()).group(1))
         assert worker in children
         texts, cached = _conversation(two)

@@ -152,6 +152,15 @@ class CacheManager:
         s.chunks, s.token_ids = [], []
         del self.sessions[s.key]
 
+    def truncate_session(self, s: Session, num_tokens: int) -> None:
+        """Cut an idle session's context back to its first ``num_tokens`` tokens; the blocks past
+        them go back to their pools (a reply that ended at a stop string found after the fact)."""
+        if s.active_request is not None or num_tokens >= len(s.token_ids):
+            return
+        keep = self._blocks_for(num_tokens)
+        self._free_chunks(s.chunks[keep:])
+        s.chunks, s.token_ids = s.chunks[:keep], s.token_ids[:num_tokens]
+
     # ------------------------------------------------------------- admission and hand-over
     def plan_attach(self, req: Request) -> tuple[int, int, int]:
         """What admitting ``req`` would reuse: (matched tokens, leading tokens to

@@ -6,8 +6,11 @@
         for out in engine.step():
             print(out.new_text, end="")
 
-The engine is single-threaded: one thread calls every method (the HTTP
-server runs it in its own thread and hands requests over through a queue).
+The engine is single-threaded: one thread calls every method (``serve`` runs
+it in an engine process of its own, or with ``--engine-process off`` in a
+thread; server/engine_loop.py is that loop). Text and stop strings: see
+detokenizer.py (the server makes them itself; the engine makes them for
+in-process callers that ask).
 Each step is schedule -> run -> update.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .cache_manager import CacheManager, common_prefix_len
 from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
 from .config import EngineConfig
 from .cost_model import CostModel, load_or_profile, profile_cache_path
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import TextStream
 from .errors import ContextLengthExceededError, InvalidRequestError
 from .pinned import PinnedPair
 from .prompt import PromptEncoder
@@ -186,14 +189,16 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, session_id: str | None = None,
-                    owner: str | None = None, history: list[int] | None = None) -> str:
+                    owner: str | None = None, history: list[int] | None = None, stored_context: int = 0) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError (and
         subclasses) for bad input, leaving the engine untouched.
 
         The session is ``(owner, session_id)``: another owner's session of the same id is
         a different session. ``history`` is the conversation's token history as the
         caller's session store last recorded it; the prompt's prefix that matches it and
-        that this engine's cache does not hold is counted (and reported) as recomputed."""
+        that this engine's cache does not hold is counted (and reported) as recomputed.
+        ``stored_context`` instead of ``history``: the length of that matching prefix, when the
+        caller computed it (the HTTP server does, so the history never crosses to the engine)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
@@ -219,8 +224,11 @@ class LLMEngine:
         req = Request(request_id, list(token_ids), len(token_ids), params, max_tokens, session=session)
         if history:
             req.stored_context = common_prefix_len(history, req.token_ids)
+        elif stored_context:
+            req.stored_context = max(0, min(int(stored_context), len(req.token_ids)))
         req.seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
+        if params.detokenize or params.stop:
+            req.text = TextStream(self.tokenizer, token_ids, params.stop)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -401,25 +409,33 @@ class LLMEngine:
     def _emit(self, req: Request, token: int, pos: int) -> RequestOutput:
         params = req.params
         reason = None
-        stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
-        if not stop_token and (params.detokenize or params.stop):
-            req.output_text += req.detokenizer.step(req.token_ids[:pos + 1])
-        if stop_token:
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
-        elif params.stop:
-            hit = _find_stop(req.output_text, params.stop, max(0, req.emitted_text_len - 256))
-            if hit is not None:
-                req.output_text = req.output_text[:hit]
-                reason = "stop"
+        elif req.text is not None and req.text.push(token):
+            reason = "stop"  # a stop string: the text ends before it, the request at this token
         if reason is None and pos + 1 - req.num_prompt_tokens >= req.max_tokens:
             reason = "length"
-        # Hold back a tail that could still grow into a stop string.
-        release = len(req.output_text) if reason else len(req.output_text) - _stop_prefix_len(req.output_text, params.stop)
-        new_text = req.output_text[req.emitted_text_len:release]
-        req.emitted_text_len = max(req.emitted_text_len, release)
+        new_text = req.text.release(reason is not None) if req.text is not None else ""
         if reason is not None:
             return self._finish(req, reason, new_token_ids=[token], new_text=new_text)
         return self._output(req, [token], new_text, finished=False)
+
+    def stop_at(self, request_id: str, num_tokens: int, session: SessionKey | None = None) -> None:
+        """End a request as if it had stopped after its first ``num_tokens`` tokens (prompt plus
+        output): the caller (the HTTP server, which owns text and stop strings there) found a stop
+        string in its text. Tokens sampled beyond are dropped, so the session's context ends
+        where the reply did. A request that already finished by itself (EOS or length, sampled
+        before this arrived) has its ``session``'s context cut back instead."""
+        req = self.requests.get(request_id)
+        if req is not None:
+            keep = max(req.num_prompt_tokens, min(num_tokens, len(req.token_ids) - req.num_pending))
+            del req.token_ids[keep:]
+            req.num_pending = 0  # the placeholders were beyond ``keep``; the step still running is ignored
+            req.num_computed_tokens = min(req.num_computed_tokens, keep)
+            self._finish(req, "stop")
+            return
+        if session is not None:
+            self.scheduler.truncate_session(session, num_tokens)
 
     def _finish(self, req: Request, reason: str, new_token_ids=(), new_text: str = "") -> RequestOutput:
         if req.num_pending:  # the placeholder of a step still running: its token is not wanted
@@ -427,8 +443,8 @@ class LLMEngine:
             req.num_pending = 0
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        if not new_text and req.emitted_text_len < len(req.output_text) and reason != "abort":
-            new_text = req.output_text[req.emitted_text_len:]
+        if not new_text and req.text is not None and reason != "abort":
+            new_text = req.text.release(final=True)
         self.scheduler.finish(req)
         self.requests.pop(req.request_id, None)
         self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1
@@ -438,22 +454,6 @@ class LLMEngine:
         return RequestOutput(req.request_id, token_ids, text, finished, req.finish_reason, req.num_prompt_tokens,
                              req.num_cached_tokens, req.num_output_tokens,
                              req.session.session_id if req.session else None, req.context_sources)
-
-
-def _find_stop(text: str, stops: list[str], start: int) -> int | None:
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
 
 
 def _pick_device(name: str) -> torch.device:

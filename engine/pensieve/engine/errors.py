@@ -48,3 +48,7 @@ class CheckpointError(PensieveError):
 
 class QueueFullError(PensieveError):
     """The waiting queue is full (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (its process or thread) is gone; the server answers 503 and exits."""

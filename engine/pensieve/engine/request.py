@@ -111,9 +111,7 @@ class Request:
     suspended: bool = False
     finish_reason: str | None = None
     seed: int = 0  # of the sampler's noise (the request's own, or drawn at random when it gave none)
-    detokenizer: object | None = None
-    output_text: str = ""
-    emitted_text_len: int = 0
+    text: object | None = None  # its TextStream when the engine makes text (detokenizer.py says who does)
     first_token_time: float | None = None
     # Trailing placeholders in token_ids: tokens sampled by a step still running
     # (asynchronous scheduling). The scheduler counts them as known tokens.

@@ -26,7 +26,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    detokenize: bool = True  # False: token ids only (stop strings still need text and turn it back on)
+    # Text is made where detokenizer.py says: False asks the engine for token ids only (the HTTP
+    # server sends False and no stop strings, and makes text and finds stop strings itself); stop
+    # strings given to the engine make it produce text anyway.
+    detokenize: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
 
     def __post_init__(self) -> None:

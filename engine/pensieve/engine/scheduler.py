@@ -110,6 +110,12 @@ class Scheduler:
     def delete_session(self, key: SessionKey) -> None:
         self.cache.delete_session(key)
 
+    def truncate_session(self, key: SessionKey, num_tokens: int) -> None:
+        """Cut an idle session's context back to its first ``num_tokens`` tokens (no-op while a turn runs)."""
+        s = self.cache.sessions.get(key)
+        if s is not None and s.active_request is None:
+            self.cache.truncate_session(s, num_tokens)
+
     def expire_idle(self, ttl: float) -> list[SessionKey]:
         """Forget the cache of sessions with no running turn idle longer than ``ttl`` seconds."""
         now = self.cache.clock()

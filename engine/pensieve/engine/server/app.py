@@ -28,14 +28,18 @@ Status codes: 400 bad input (also a context too long: code
 refuses), 401 missing or wrong key, 404 unknown model, session or route, 405
 wrong method, 408 body not received within ``--body-timeout``, 409 session
 busy, 413 body over ``--max-body-bytes``, 429 waiting queue full
-(Retry-After), 503 draining (or ``--max-connections`` open), 500 an internal
+(Retry-After), 503 draining (or ``--max-connections`` open, or the engine died:
+``engine_unavailable``), 500 an internal
 error. Request body extensions: ``session_id``, ``session_mode``,
 ``ignore_eos``, ``top_k``.
 
 Prompts are rendered and tokenized in a small thread pool of this process
-(``PromptEncoder``; the Rust tokenizer runs without the GIL), never on the
-engine thread: a huge prompt delays nobody else's step. Everything logged
-from a request goes through ``logsafe.clean``.
+(``PromptEncoder``; the Rust tokenizer runs without the GIL), never where the
+engine runs: a huge prompt delays nobody else's step. The engine (its own
+process by default: engine_process.py) gets and returns token ids; this
+process turns them into text and finds stop strings (``TextStream``, one per
+request), and on a stop string tells the engine to end the request at that
+token. Everything logged from a request goes through ``logsafe.clean``.
 """
 from __future__ import annotations
 
@@ -53,7 +57,9 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..errors import UnknownSessionError
+from ..cache_manager import common_prefix_len
+from ..detokenizer import TextStream
+from ..errors import EngineDeadError
 from ..request import SessionKey
 from . import memory
 from .config import ServerConfig
@@ -62,9 +68,8 @@ from .logsafe import clean
 from .metrics import ServerMetrics
 from .protocol import (APIError, GenerationRequest, bad, check_session_id, from_engine_error, parse_chat,
                        parse_completion, parse_json_body, session_not_found)
-from .snapshot import cache_config_labels
 from .store import default_store_url, open_store
-from .worker import EngineWorker
+from .worker import EngineClient, EngineInfo, engine_params
 
 log = logging.getLogger("pensieve.server")
 
@@ -72,17 +77,20 @@ TOKENIZER_THREADS = min(4, os.cpu_count() or 1)
 
 
 class PensieveServer:
-    def __init__(self, engine, config: ServerConfig, loop: asyncio.AbstractEventLoop | None = None):
-        self.engine = engine
+    def __init__(self, info: EngineInfo, client: EngineClient, config: ServerConfig,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.info = info
         self.config = config
         self.loop = loop or asyncio.get_running_loop()
-        self.worker = EngineWorker(engine, self.loop, config.max_waiting_requests)
-        self.metrics = ServerMetrics(lambda: self.worker.snapshot, cache_config_labels(engine))
-        self.model_names = {engine.served_model_name, engine.config.model}
+        self.worker = client
+        client.on_death = self._engine_died
+        self.exit_code = 0
+        self.metrics = ServerMetrics(lambda: self.worker.snapshot, info.cache_labels)
+        self.model_names = {info.served_model_name, info.model}
         self._keys = {k.encode(): _owner_of(k) for k in config.api_key}
         self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="pensieve-tokenize")
-        store = open_store(config.session_store or default_store_url(engine.served_model_name),
-                           engine.config.session_idle_timeout, config.max_sessions_per_key)
+        store = open_store(config.session_store or default_store_url(info.served_model_name),
+                           info.session_idle_timeout, config.max_sessions_per_key)
         self.conversations = Conversations(store)
         self.inflight: set[str] = set()
         self.draining = False
@@ -109,7 +117,7 @@ class PensieveServer:
         return app
 
     async def _on_startup(self, app) -> None:
-        self.worker.start()
+        self.worker.transport.start()
         await self.conversations.start()
         log.info("session store: %s (idle TTL %ss, at most %s sessions per key)",
                  self.conversations.store.describe(), self.conversations.store.ttl or "none",
@@ -123,8 +131,18 @@ class PensieveServer:
             self.worker.abort(rid, keep_stream=True)
 
     def stop_worker(self) -> None:
-        self.worker.stop()
+        """Stop the engine (its process or thread) and the tokenizer pool."""
+        code = self.worker.transport.stop()
+        if code:
+            log.warning("the engine process exited with code %s", code)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _engine_died(self, reason: str) -> None:
+        """Nothing can be served without the engine: fail what is in flight (the client did),
+        turn not ready, and end the server with a non-zero exit code so that it is restarted."""
+        log.error("%s: failing %d requests in flight and shutting down", reason, len(self.inflight))
+        self.exit_code = 1
+        self.begin_drain()
 
     # ------------------------------------------------------------------ middleware
     @web.middleware
@@ -197,15 +215,15 @@ class PensieveServer:
 
     # ------------------------------------------------------------------ plain endpoints
     async def health(self, request: web.Request) -> web.Response:
-        if not self.worker._thread.is_alive():
-            return web.json_response({"status": "engine thread stopped"}, status=503)
+        if not self.worker.alive():
+            return web.json_response({"status": "engine stopped"}, status=503)
         return web.json_response({"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
         if self.draining:
             return web.json_response({"ready": False, "reason": "draining"}, status=503)
-        if not self.worker._thread.is_alive():
-            return web.json_response({"ready": False, "reason": "engine thread stopped"}, status=503)
+        if not self.worker.alive():
+            return web.json_response({"ready": False, "reason": "engine stopped"}, status=503)
         return web.json_response({"ready": True})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
@@ -214,17 +232,20 @@ class PensieveServer:
         return resp
 
     async def debug_state(self, request: web.Request) -> web.Response:
-        snap = self.worker.snapshot.as_dict()
+        try:
+            snap = (await self.worker.call("snapshot")).as_dict()  # fresh: taken after every command posted before
+        except EngineDeadError as e:
+            raise from_engine_error(e) from None
         snap["server"] = {"inflight": len(self.inflight), "inbox": self.worker.inbox_size,
                           "draining": self.draining,
                           "running_turns": len(self.conversations.running)}
         return web.json_response(snap)
 
     async def models(self, request: web.Request) -> web.Response:
-        e = self.engine
+        i = self.info
         return web.json_response({"object": "list", "data": [{
-            "id": e.served_model_name, "object": "model", "created": self.created, "owned_by": "pensieve",
-            "max_model_len": e.max_model_len}]})
+            "id": i.served_model_name, "object": "model", "created": self.created, "owned_by": "pensieve",
+            "max_model_len": i.max_model_len}]})
 
     # ------------------------------------------------------------------ sessions
     def _path_session(self, request: web.Request) -> str:
@@ -235,17 +256,7 @@ class PensieveServer:
         neither exists: another key's session of this id is indistinguishable from an unused id."""
         sid = self._path_session(request)
         key = SessionKey(request["owner"], sid)
-
-        def read(engine):
-            try:
-                s = engine.get_session(key)
-            except UnknownSessionError:
-                return None
-            return {"num_turns": s.num_turns, "cached_tokens": s.num_cached, "cached_blocks": len(s.block_ids),
-                    "active": s.active_request is not None,
-                    "idle_seconds": round(max(0.0, time.monotonic() - s.last_active), 3)}
-
-        cached = await self.worker.call(read)
+        cached = await self._engine_call("session_info", key)
         record = await self.conversations.get(*key)
         running = key in self.conversations.running
         if record is None and cached is None and not running:
@@ -272,20 +283,18 @@ class PensieveServer:
         turn = self.conversations.end_running(key)
         if turn is not None and turn.request_id is not None:
             self.worker.abort(turn.request_id, keep_stream=True)  # its handler answers session_deleted
-
-        def drop(engine) -> bool:
-            try:
-                engine.delete_session(key)
-            except UnknownSessionError:
-                return False
-            return True
-
-        cached = await self.worker.call(drop)
+        cached = await self._engine_call("delete_session", key)
         stored = await self.conversations.delete(*key)
         if not (cached or stored or turn is not None):
             raise session_not_found(sid)
         return web.json_response({"id": sid, "object": "session", "deleted": True,
                                   "ended_running_turn": turn is not None})
+
+    async def _engine_call(self, op: str, *args):
+        try:
+            return await self.worker.call(op, *args)
+        except EngineDeadError as e:
+            raise from_engine_error(e) from None
 
     # ------------------------------------------------------------------ generation
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -309,9 +318,9 @@ class PensieveServer:
         return parse_json_body(raw)
 
     async def _encode(self, messages: list[dict] | None, prompt: str | list[int] | None) -> list[int]:
-        """The prompt's token ids, computed in the tokenizer pool (the engine thread only gets ids).
+        """The prompt's token ids, computed in the tokenizer pool (the engine only gets ids).
         Token-id prompts pass through: the engine checks them against its vocabulary."""
-        enc = self.engine.prompts
+        enc = self.info.prompts
         if messages is not None:
             fn = functools.partial(enc.encode_chat, messages)
         elif isinstance(prompt, str):
@@ -340,7 +349,7 @@ class PensieveServer:
         t_arrival = time.monotonic()
         if greq.model not in self.model_names:
             raise APIError(404, f"model {greq.model!r} not found; this server serves "
-                                f"{self.engine.served_model_name!r}", param="model", code="model_not_found")
+                                f"{self.info.served_model_name!r}", param="model", code="model_not_found")
         sid = self._session_of(request, greq)
         owner = request["owner"]
         lg = request["log"]
@@ -378,15 +387,17 @@ class PensieveServer:
         finished = False
         try:
             prompt_ids = await self._encode(messages, greq.prompt)
-            fut, queue = self.worker.add(rid, lambda engine: (prompt_ids, params), sid, owner, history)
+            stored = 0
+            if history:  # a long history is compared off the loop, and never sent to the engine
+                stored = await self.loop.run_in_executor(self._tokenizer_pool, common_prefix_len, history, prompt_ids)
+            fut, queue = self.worker.add(rid, prompt_ids, engine_params(params), sid, owner, stored)
             try:
-                num_prompt, prompt_ids = await fut
+                lg["prompt"] = await fut
             except Exception as e:
                 raise from_engine_error(e, sid) from None
-            lg["prompt"] = num_prompt
             if turn is not None:
                 turn.prompt_ids = prompt_ids
-            ctx = _Gen(self, greq, rid, sid, owner, t_arrival, messages, turn)
+            ctx = _Gen(self, greq, rid, sid, owner, t_arrival, messages, turn, prompt_ids)
             if greq.stream:
                 resp = await ctx.stream(request, queue)
             else:
@@ -432,15 +443,16 @@ class _Gen:
     """One generation's bookkeeping: response shapes, metrics, session history."""
 
     def __init__(self, server: PensieveServer, greq: GenerationRequest, rid: str, sid: str | None,
-                 owner: str | None, t_arrival: float, messages: list[dict] | None, turn: Turn | None):
+                 owner: str | None, t_arrival: float, messages: list[dict] | None, turn: Turn | None,
+                 prompt_ids: list[int]):
         self.server, self.greq, self.rid, self.sid, self.owner = server, greq, rid, sid, owner
         self.turn = turn
+        self.text = TextStream(server.info.tokenizer, prompt_ids, greq.params.stop)
         self.token_ids: list[int] = []  # generated so far
         self.t_arrival = t_arrival
         self.messages = messages
         self.t_last: float | None = None
         self.ttft: float | None = None
-        self.text: list[str] = []
         self.finished = False
         self.disconnected = False
         self.finish_reason: str | None = None
@@ -450,7 +462,7 @@ class _Gen:
         self.recomputed = 0
         self.num_output = 0
         self.created = int(time.time())
-        self.model = server.engine.served_model_name
+        self.model = server.info.served_model_name
 
     @property
     def chat(self) -> bool:
@@ -462,14 +474,27 @@ class _Gen:
             h["X-Session-ID"] = self.sid
         return h
 
-    def _take(self, out) -> None:
-        """Account one RequestOutput (or raise the engine's error)."""
+    def _take(self, out) -> tuple[str, int]:
+        """Account one RequestOutput (or raise the engine's error); returns the text it releases
+        and how many of its tokens count. A stop string found in its text ends the reply there:
+        the engine is told to end the request at that token (it may have sampled a few more,
+        which are dropped here and there)."""
+        if isinstance(out, EngineDeadError):
+            raise from_engine_error(out)
         if isinstance(out, BaseException):
             raise APIError(500, f"the engine failed while running this request: {out}", type="server_error",
                            code="internal_error")
         now = time.monotonic()
         m = self.server.metrics
-        n_new = len(out.new_token_ids)
+        ids = out.new_token_ids
+        reason = out.finish_reason if out.finished else None
+        n_new = len(ids)
+        # The engine ends on its own only at a stop token or EOS ("stop", never pushed as text) or at a length.
+        for i, token in enumerate(ids[:-1] if reason == "stop" else ids):
+            if self.text.push(token):
+                n_new, reason = i + 1, "stop"
+                break
+        stopped_here = self.text.stopped and not (out.finished and n_new == len(ids))
         if n_new:
             if self.ttft is None:
                 self.ttft = now - self.t_arrival
@@ -479,18 +504,22 @@ class _Gen:
                 for _ in range(n_new):
                     m.itl.observe(gap)
             self.t_last = now
-        self.text.append(out.new_text)
-        self.token_ids.extend(out.new_token_ids)
-        self.num_prompt, self.cached, self.num_output = out.num_prompt_tokens, out.num_cached_tokens, out.num_output_tokens
-        self.sources = out.context_sources
-        self.recomputed = out.num_recomputed_tokens
-        if out.finished:
+        self.token_ids.extend(ids[:n_new])
+        self.num_prompt, self.cached, self.num_output = out.num_prompt_tokens, out.num_cached_tokens, len(self.token_ids)
+        if out.context_sources:
+            self.sources = out.context_sources
+            self.recomputed = out.num_recomputed_tokens
+        if stopped_here:
+            self.server.worker.stop_at(self.rid, self.num_prompt + self.num_output, self.turn.key if self.turn else None)
+        new_text = self.text.release(final=reason is not None and reason != "abort")
+        if reason is not None:
             self.finished = True
-            self.finish_reason = out.finish_reason
+            self.finish_reason = reason
             m.latency.observe(now - self.t_arrival)
-            m.count_outcome(out.finish_reason or "stop")
-            if out.finish_reason == "abort" and self.turn is not None and self.turn.deleted:
+            m.count_outcome(reason)
+            if reason == "abort" and self.turn is not None and self.turn.deleted:
                 raise session_deleted(self.sid)
+        return new_text, n_new
 
     async def _save(self) -> None:
         """Save the finished turn in the session store (before the client sees the end of it, so a
@@ -500,7 +529,7 @@ class _Gen:
             return
         messages = None
         if self.chat:
-            messages = list(self.messages) + [{"role": "assistant", "content": "".join(self.text)}]
+            messages = list(self.messages) + [{"role": "assistant", "content": self.text.text}]
         await self.server.conversations.commit(turn, turn.prompt_ids + self.token_ids, messages)
 
     def usage(self) -> dict:
@@ -513,7 +542,7 @@ class _Gen:
         while not self.finished:
             self._take(await queue.get())
         await self._save()
-        text = "".join(self.text)
+        text = self.text.text
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": self.finish_reason}
@@ -557,22 +586,22 @@ class _Gen:
             while not self.finished:
                 item = await queue.get()
                 try:
-                    self._take(item)
+                    new_text, n_new = self._take(item)
                 except APIError as e:  # the 200 is sent: the error is the stream's last event
                     self.server.metrics.count_outcome(e.status)
                     await send(e.body())
                     break
-                if first and (item.new_token_ids or item.finished):
+                if first and (n_new or self.finished):
                     first = False
                     if self.chat:
                         await send(self._chunk("", None, first=True))
-                    elif not item.new_text and not item.finished:
+                    elif not new_text and not self.finished:
                         await send(self._chunk("", None))
-                if item.new_text or item.finished:
-                    chunk = self._chunk(item.new_text if item.new_text else None, item.finish_reason)
-                    if item.finished and self.greq.include_usage is False:
+                if new_text or self.finished:
+                    chunk = self._chunk(new_text or None, self.finish_reason if self.finished else None)
+                    if self.finished and self.greq.include_usage is False:
                         chunk["usage"] = self.usage()  # harmless extension; clients that asked get the OpenAI shape too
-                    if item.finished:
+                    if self.finished:
                         try:
                             await self._save()
                         except APIError as e:  # the turn was not saved: say so instead of a clean end

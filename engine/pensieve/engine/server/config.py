@@ -31,6 +31,9 @@ class ServerConfig:
     max_connections: int = opt(1024, "most open client connections; one more is answered 503 and closed")
     session_store: str | None = opt(None, "where conversations are kept: sqlite:///PATH (default: a file under "
                                           "~/.cache/pensieve) or redis://HOST:PORT/DB (shared by all engines)")
+    engine_process: str = opt("on", "run the engine core in a process of its own (on), or in a thread of the server "
+                                    "process (off: one interpreter lock shared with HTTP and tokenization)",
+                              ("on", "off"))
     max_sessions_per_key: int = opt(1000, "sessions one API key may hold in the store (0: no bound); a new "
                                           "session beyond it gets 429 too_many_sessions")
 

@@ -10,17 +10,28 @@ import signal
 from aiohttp import web
 
 from ..config import EngineConfig, dataclass_from_args
+from ..heap import freeze_startup_heap
 from . import memory
 from .app import PensieveServer
 from .config import ServerConfig
+from .engine_process import EngineProcess, EngineStartError, start_engine_process
 from .listener import CappedTCPSite
+from .worker import EngineClient, EngineThread
 
 log = logging.getLogger("pensieve.server")
 
 
 async def start_server(engine, config: ServerConfig) -> tuple[PensieveServer, web.AppRunner, int]:
-    """Start listening; returns the server, its runner and the bound port."""
-    server = PensieveServer(engine, config, asyncio.get_running_loop())
+    """Start listening with ``engine`` (an LLMEngine of this process, run in a thread; or, from
+    ``run_server``, an EngineProcess); returns the server, its runner and the bound port."""
+    loop = asyncio.get_running_loop()
+    if isinstance(engine, EngineProcess):
+        client = engine.client
+        client.loop = loop
+    else:
+        client = EngineClient(loop)
+        engine = EngineThread(engine, client, config.max_waiting_requests)
+    server = PensieveServer(engine.info, client, config, loop)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
     # keepalive_timeout: aiohttp closes a connection that has not delivered a complete request head
     # this long after opening or after its previous response, which is the header read timeout.
@@ -42,22 +53,24 @@ async def start_server(engine, config: ServerConfig) -> tuple[PensieveServer, we
 
 async def serve(engine, config: ServerConfig) -> int:
     """Serve until SIGTERM or SIGINT, then drain: /ready turns false, new requests get 503,
-    in-flight ones get ``drain_timeout`` seconds to finish. Returns the exit code (0)."""
+    in-flight ones get ``drain_timeout`` seconds to finish. Returns the exit code: 0, or 1 when
+    the engine died (its requests failed with 503 and the server stopped)."""
     server, runner, port = await start_server(engine, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.begin_drain)
     auth = f"{len(config.api_key)} API key(s)" if config.api_key else "no authentication"
-    log.info("serving %r on http://%s:%d (%s, max %d waiting requests, max %d connections, header/body "
-             "timeouts %gs/%gs)", engine.served_model_name, config.host, port, auth, config.max_waiting_requests,
-             config.max_connections, config.header_timeout, config.body_timeout)
+    log.info("serving %r on http://%s:%d (%s, engine %s, max %d waiting requests, max %d connections, "
+             "header/body timeouts %gs/%gs)", server.info.served_model_name, config.host, port, auth,
+             "process" if isinstance(server.worker.transport, EngineProcess) else "thread",
+             config.max_waiting_requests, config.max_connections, config.header_timeout, config.body_timeout)
     try:
         await server.drained.wait()
     finally:
         await runner.cleanup()
         server.stop_worker()
     log.info("stopped")
-    return 0
+    return server.exit_code
 
 
 def _raise_fd_limit(max_connections: int) -> None:
@@ -75,15 +88,22 @@ def _raise_fd_limit(max_connections: int) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from ..engine import LLMEngine
-    from ..heap import freeze_startup_heap
-
     engine_config = dataclass_from_args(EngineConfig, args)
     server_config = dataclass_from_args(ServerConfig, args)
     _raise_fd_limit(server_config.max_connections)
     memory.limit_arenas()  # before any thread of ours starts allocating
-    engine = LLMEngine(engine_config)
-    freeze_startup_heap()  # no full garbage collection walks the model's objects while serving
+    if server_config.engine_process == "on":
+        try:
+            engine = start_engine_process(engine_config, server_config.max_waiting_requests,
+                                          EngineClient(None))
+        except EngineStartError as e:
+            log.error("%s", e)
+            return 1
+    else:
+        from ..engine import LLMEngine
+
+        engine = LLMEngine(engine_config)
+    freeze_startup_heap()  # no full garbage collection walks start-up objects while serving (heap.py)
     try:
         return asyncio.run(serve(engine, server_config))
     except OSError as e:

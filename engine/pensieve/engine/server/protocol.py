@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..errors import (ContextLengthExceededError, InvalidRequestError, PensieveError, QueueFullError,
+from ..errors import (ContextLengthExceededError, EngineDeadError, InvalidRequestError, PensieveError, QueueFullError,
                       SessionBusyError, UnknownSessionError)
 from ..checks import is_int, is_number
 from ..sampling import MAX_LOGIT_BIAS_ENTRIES, SamplingParams
@@ -43,6 +43,9 @@ def session_not_found(session_id: str) -> APIError:
 def from_engine_error(e: BaseException, session_id: str | None = None) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, EngineDeadError):
+        return APIError(503, f"the engine is not running ({e}); retry on another replica", type="service_unavailable",
+                        code="engine_unavailable", headers={"Retry-After": "1"})
     if isinstance(e, QueueFullError):
         return APIError(429, str(e) + "; retry later", type="rate_limit_error", code="queue_full",
                         headers={"Retry-After": "1"})

@@ -1,79 +1,95 @@
-"""The engine thread: runs LLMEngine beside the asyncio loop.
+"""The server's handle on the engine: ``EngineClient`` plus where the engine runs.
 
-The engine is single-threaded, so exactly one thread (this one) touches it.
-The HTTP side talks to it through a thread-safe inbox of commands; the loop
-here is: drain the inbox (add / abort / call), take one engine step, hand the
-step's outputs back to the asyncio loop with ``call_soon_threadsafe``, refresh
-the metrics snapshot, and sleep on an event when nothing is unfinished. HTTP
-handlers therefore never wait on a model step: they await futures and queues
-that this thread completes.
+The engine runs EngineLoop (engine_loop.py) either in an engine process of its
+own (``EngineProcess``, engine_process.py: the default of ``serve``) or in a
+thread of this process (``EngineThread`` here: ``--engine-process off``,
+tests that inject faults into an in-process engine). Both are a *transport*:
+``post(cmd)`` sends a command, and each Batch the loop hands over reaches
+``EngineClient.deliver`` on the asyncio loop. ``EngineClient`` is the only
+thing app.py talks to; it is touched on the asyncio loop's thread only.
+HTTP handlers never wait on a model step: they await futures and queues that
+``deliver`` completes.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import itertools
 import logging
 import threading
-import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import PensieveError, QueueFullError
-from ..request import RequestOutput
-from .snapshot import EngineSnapshot, engine_metrics_snapshot
+from ..errors import EngineDeadError
+from ..request import RequestOutput, SessionKey
+from ..sampling import SamplingParams
+from .engine_loop import Batch, EngineLoop
+from .snapshot import EngineSnapshot, cache_config_labels
 
 log = logging.getLogger("pensieve.server")
 
-EXPIRY_INTERVAL = 1.0  # seconds between checks for idle sessions to forget
+
+@dataclass
+class EngineInfo:
+    """What the server needs to know of the engine, read once at start-up."""
+
+    served_model_name: str
+    model: str
+    max_model_len: int
+    session_idle_timeout: float
+    cache_labels: dict[str, str]
+    prompts: Any                 # PromptEncoder of the server's own tokenizer
+    tokenizer: Any
+
+    @classmethod
+    def of(cls, engine) -> "EngineInfo":
+        return cls(engine.served_model_name, engine.config.model, engine.max_model_len,
+                   engine.config.session_idle_timeout, cache_config_labels(engine), engine.prompts, engine.tokenizer)
 
 
-class EngineWorker:
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop, max_waiting_requests: int):
-        self.engine = engine
+class EngineClient:
+    """Futures for commands, a queue per request, the latest snapshot; loop thread only."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.max_waiting_requests = max_waiting_requests
-        self._inbox: collections.deque = collections.deque()
-        self._wake = threading.Event()
-        self._stop = False
-        self._streams: dict[str, asyncio.Queue] = {}   # touched on the loop thread only
-        self.snapshot: EngineSnapshot = engine_metrics_snapshot(engine)
-        self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
-        self.fatal: BaseException | None = None
+        self.transport = None
+        self.snapshot = EngineSnapshot()
+        self.dead: str | None = None          # why the engine is gone (None: alive)
+        self.on_death: Callable[[str], None] | None = None
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
 
-    # ------------------------------------------------------------ loop side
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout)
+    def attach(self, transport) -> None:
+        self.transport = transport
 
     @property
     def inbox_size(self) -> int:
-        return len(self._inbox)
+        return self.transport.backlog() if self.transport is not None else 0
+
+    def _future(self) -> tuple[int, asyncio.Future]:
+        cid, fut = next(self._ids), self.loop.create_future()
+        if self.dead is not None:
+            fut.set_exception(EngineDeadError(self.dead))
+        else:
+            self._pending[cid] = fut
+        return cid, fut
 
     def _post(self, cmd: tuple) -> None:
-        self._inbox.append(cmd)
-        self._wake.set()
+        if self.dead is None:
+            self.transport.post(cmd)
 
-    def call(self, fn: Callable[[Any], Any]) -> asyncio.Future:
-        """Run ``fn(engine)`` on the engine thread between steps; the future gets its result or exception."""
-        fut = self.loop.create_future()
-        self._post(("call", fn, fut))
-        return fut
-
-    def add(self, request_id: str, build: Callable[[Any], tuple], session_id: str | None,
-            owner: str | None, history: list[int] | None = None) -> tuple[asyncio.Future, asyncio.Queue]:
-        """Queue a request. ``build(engine)`` runs on the engine thread and returns
-        ``(prompt, SamplingParams)``; it must be cheap (the server passes token ids, tokenized
-        beforehand in its own pool, so no prompt ever delays a step).
-        ``history``: the session's token history from the session store (see LLMEngine.add_request).
-        Returns a future (``(prompt token count, prompt token ids)``, or the error) and the queue
-        of its outputs."""
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, session_id: str | None,
+            owner: str | None, stored_context: int = 0) -> tuple[asyncio.Future, asyncio.Queue]:
+        """Queue a request (token ids, tokenized beforehand in the server's pool). ``params`` should
+        not ask the engine for text (the server makes it: detokenizer.py). ``stored_context``: the
+        prompt's leading tokens the session store already had (LLMEngine.add_request). Returns a
+        future (the prompt's token count, or the error) and the queue of its outputs."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        fut = self.loop.create_future()
-        self._post(("add", request_id, build, session_id, owner, history, fut))
+        cid, fut = self._future()
+        self._post(("add", cid, request_id, prompt_ids, params, session_id, owner, stored_context))
         return fut, queue
 
     def abort(self, request_id: str, keep_stream: bool = False) -> None:
@@ -83,103 +99,114 @@ class EngineWorker:
             self._streams.pop(request_id, None)
         self._post(("abort", request_id))
 
+    def stop_at(self, request_id: str, num_tokens: int, key: SessionKey | None) -> None:
+        """End a request after ``num_tokens`` (prompt + output): its reply ended at a stop string.
+        Nothing more of it is delivered."""
+        self._streams.pop(request_id, None)
+        self._post(("call", None, "stop_at", (request_id, num_tokens, key)))
+
     def release(self, request_id: str) -> None:
         """Forget a finished request's output queue."""
         self._streams.pop(request_id, None)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
+    def call(self, op: str, *args) -> asyncio.Future:
+        """Run ``ops.OPS[op](engine, *args)`` between steps; the future gets its result or error."""
+        cid, fut = self._future()
+        self._post(("call", cid, op, args))
+        return fut
+
+    def deliver(self, batch: Batch) -> None:
+        if batch.snapshot is not None:
+            self.snapshot = batch.snapshot
+        for cid, ok, value in batch.results:
+            fut = self._pending.pop(cid, None)
+            if fut is not None and not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+        for ids, exc in batch.failed:
+            for rid in ids:
+                q = self._streams.get(rid)
+                if q is not None:
+                    q.put_nowait(exc)
+        for out in batch.outputs:
             q = self._streams.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
 
-    def _dispatch_error(self, request_ids: list[str], exc: BaseException) -> None:
-        for rid in request_ids:
-            q = self._streams.get(rid)
-            if q is not None:
-                q.put_nowait(exc)
-
-    def _resolve(self, fut: asyncio.Future, result=None, exc: BaseException | None = None) -> None:
-        if fut.done():
+    def engine_died(self, reason: str) -> None:
+        """The engine is gone for good: every waiting handler gets EngineDeadError."""
+        if self.dead is not None:
             return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
+        self.dead = reason
+        err = EngineDeadError(reason)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        for q in self._streams.values():
+            q.put_nowait(err)
+        if self.on_death is not None:
+            self.on_death(reason)
 
-    # ------------------------------------------------------------ engine thread
-    def _run(self) -> None:
-        engine = self.engine
-        next_expiry = 0.0
-        while not self._stop:
-            self._wake.clear()
-            worked = self._drain_inbox()
-            if time.monotonic() >= next_expiry:
-                next_expiry = time.monotonic() + EXPIRY_INTERVAL
-                engine.expire_idle_sessions()  # their KV only: the session store keeps the records
-            if engine.has_unfinished():
-                try:
-                    outputs = engine.step()
-                except Exception as e:  # a bug in a step: fail the requests in flight, keep serving
-                    log.exception("engine step failed; aborting %d requests", len(engine.requests))
-                    ids = list(engine.requests)
-                    for rid in ids:
-                        try:
-                            engine.abort(rid)
-                        except Exception:
-                            log.exception("abort of %s failed", rid)
-                    self.loop.call_soon_threadsafe(self._dispatch_error, ids, e)
-                    outputs = []
-                if outputs:
-                    self.loop.call_soon_threadsafe(self._dispatch, outputs)
-                worked = True
-            if worked:
-                self._refresh()
-            else:
-                self._wake.wait(1.0)
-                self._refresh()
+    def alive(self) -> bool:
+        return self.dead is None and self.transport is not None and self.transport.alive()
 
-    def _refresh(self) -> None:
-        try:
-            self.snapshot = engine_metrics_snapshot(self.engine)
-        except Exception:
-            log.exception("metrics snapshot failed")
 
-    def _drain_inbox(self) -> bool:
-        worked = False
-        engine = self.engine
+def engine_params(params: SamplingParams) -> SamplingParams:
+    """What the engine gets of a request's sampling parameters: token ids only, no stop strings
+    (the server turns tokens into text and finds stop strings itself)."""
+    if not params.detokenize and not params.stop:
+        return params
+    return dataclasses.replace(params, stop=[], detokenize=False)
+
+
+class EngineThread:
+    """The engine in a thread of this process (``--engine-process off``)."""
+
+    def __init__(self, engine, client: EngineClient, max_waiting_requests: int):
+        self.info = EngineInfo.of(engine)
+        self.client = client
+        self._loop = EngineLoop(engine, max_waiting_requests)
+        self._inbox: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
+        client.attach(self)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        self.post(("stop",))
+        self._thread.join(timeout)
+        return None
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def backlog(self) -> int:
+        return len(self._inbox)
+
+    def post(self, cmd: tuple) -> None:
+        self._inbox.append(cmd)
+        self._wake.set()
+
+    def _receive(self, timeout: float) -> list[tuple]:
+        if not self._inbox and timeout > 0:
+            self._wake.wait(timeout)
+        self._wake.clear()
+        cmds = []
         while self._inbox:
-            cmd = self._inbox.popleft()
-            worked = True
-            kind = cmd[0]
-            if kind == "add":
-                _, rid, build, session_id, owner, history, fut = cmd
-                try:
-                    if len(engine.scheduler.waiting) >= self.max_waiting_requests:
-                        raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests)")
-                    prompt, params = build(engine)
-                    engine.add_request(prompt, params, request_id=rid, session_id=session_id, owner=owner,
-                                       history=history)
-                    req = engine.requests[rid]
-                    n_prompt = (req.num_prompt_tokens, req.token_ids[:req.num_prompt_tokens])
-                except PensieveError as e:
-                    self.loop.call_soon_threadsafe(self._resolve, fut, None, e)
-                except Exception as e:
-                    log.exception("request %s could not be added", rid)
-                    self.loop.call_soon_threadsafe(self._resolve, fut, None, e)
-                else:
-                    self.loop.call_soon_threadsafe(self._resolve, fut, n_prompt, None)
-            elif kind == "abort":
-                out = engine.abort(cmd[1])
-                if out is not None:
-                    log.info("req=%s aborted after %d generated tokens", out.request_id, out.num_output_tokens)
-                    self.loop.call_soon_threadsafe(self._dispatch, [out])
-            elif kind == "call":
-                _, fn, fut = cmd
-                try:
-                    result = fn(engine)
-                except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    self.loop.call_soon_threadsafe(self._resolve, fut, None, e)
-                else:
-                    self.loop.call_soon_threadsafe(self._resolve, fut, result, None)
-        return worked
+            cmds.append(self._inbox.popleft())
+        return cmds
+
+    def _send(self, batch: Batch) -> None:
+        self.client.loop.call_soon_threadsafe(self.client.deliver, batch)
+
+    def _run(self) -> None:
+        try:
+            self._loop.run(self._receive, self._send)
+        except BaseException as e:  # noqa: BLE001 - the loop itself failed: nothing can be served
+            log.exception("the engine thread failed")
+            self.client.loop.call_soon_threadsafe(self.client.engine_died, f"the engine thread failed: {e}")
