@@ -14,7 +14,7 @@ unset TRITON_INTERPRET
 # Not in the default list (they need 2+ GPUs: nvidia-h200-x2 or -x4):
 #   STEPS="tensor_parallel_tests tensor_parallel" bash bench/gpu_session.sh    (one device call, < 10 min)
 #   STEPS="tensor_parallel_70b" bash bench/gpu_session.sh                      (a second call)
-STEPS="${STEPS:-kernel_tests engine_gpu_tests speed_engine speed_hf speed_http kernels_bench swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
+STEPS="${STEPS:-kernel_tests engine_gpu_tests server_gpu_tests speed_engine speed_hf speed_http kernels_bench swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
@@ -31,6 +31,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step kernel_tests "${KT_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
 step engine_gpu_tests "${ET_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py \
     tests/engine/test_gpu_smollm2.py
+step server_gpu_tests "${SG_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
+    tests/server/test_engine_process.py
 step speed_engine "${SE_LIMIT:-240}" python3 bench/engine_speed.py engine --out "$OUT/speed_engine.json"
 step speed_hf "${SH_LIMIT:-150}" python3 bench/engine_speed.py hf --out "$OUT/speed_hf.json"
 step speed_http "${SP_LIMIT:-150}" python3 bench/engine_speed.py http --out "$OUT/speed_http.json"

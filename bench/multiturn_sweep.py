@@ -341,7 +341,7 @@ def run_part(args) -> dict:
     v = dataclasses.replace(v, **overrides)
     rates = tuple(args.rates) if args.rates else v.rates
     block_size = 16 if args.smoke else args.block_size
-    ref = max(v.rates)
+    ref = args.sizing_rate or max(v.rates)  # every part of a sweep must size at the same rate
     model = model_folder(v, args.workdir)
     ref_plans = mt.make_workload(workload_args(v, ref, args.seed))
     factor = measure_token_factor(model, ref_plans, args.seed)
@@ -518,6 +518,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=float, help="override the variant's seconds of arrivals per point")
     ap.add_argument("--drain", type=float, help="override the variant's seconds after the window")
     ap.add_argument("--time-scale", type=float, help="override the variant's think-time scale")
+    ap.add_argument("--sizing-rate", type=float, help="size the tiers for this rate (default: the variant's top rate)")
     ap.add_argument("--server-extra", default="", help="more `serve` flags for every mode (e.g. --swap-impl dma)")
     ap.add_argument("--tpot", type=float, help="override the assumed seconds per output token (sizing)")
     ap.add_argument("--log-dir", default="/tmp/pensieve-sweep-logs")
