@@ -112,10 +112,14 @@ def part_engine(args) -> dict:
             info = engine.last_step
             if info is None or info is before:
                 continue  # nothing collected by this call (the first launch of a batch)
+            # this call also launched the next step: a host wait there shows up in its launch time
+            nxt = engine.inflight.info if engine.inflight is not None else None
             steps.append((time.perf_counter() - s0, dict(decode_only=info.decode_only, seqs=info.seqs,
                                                          tokens=info.tokens, context=info.context,
                                                          pairs=info.pairs, wait=info.wait_s,
-                                                         launch=info.launch_s)))
+                                                         launch=info.launch_s, execute=info.execute_s,
+                                                         next_launch=nxt.launch_s if nxt else 0.0,
+                                                         next_execute=nxt.execute_s if nxt else 0.0)))
         seconds = time.perf_counter() - t0
         runs.append(summarize(m, ceil, n, p, o, seconds, steps))
         runs[-1]["triton_compiles_while_serving"] = list(compiles)
@@ -191,7 +195,9 @@ def summarize(m, ceil, n, p, o, seconds, steps) -> dict:
                 full_decode_step_over_floor=statistics.median(floors) if floors else None,
                 prefill_4096_pct_matmul=100 * statistics.median(rates) / ceil["matmul_TFLOPs"] if rates else None,
                 decode_wait_ms_median=statistics.median(s["wait"] * 1e3 for _, s in decode) if decode else None,
-                steps=len(steps), slow_steps=slow("decode", decode) + slow("prefill", prefill))
+                steps=len(steps), slow_steps=slow("decode", decode) + slow("prefill", prefill),
+                call_ms=[round(t * 1e3, 2) for t, _ in steps],
+                next_launch_ms=[round(s["next_launch"] * 1e3, 2) for _, s in steps])
 
 
 def part_hf(args) -> dict:

@@ -53,6 +53,7 @@ class StepInfo:
     pairs: int           # causal (query, key) pairs: the attention work
     wait_s: float = 0.0  # host time spent waiting for this step's tokens (0: the host was the bottleneck)
     launch_s: float = 0.0  # host time to prepare and enqueue it (a sync hidden in there shows up here)
+    execute_s: float = 0.0  # of which the runner (inputs, swaps, forward pass): the rest is sampling and Python
 
     @classmethod
     def of(cls, sched: SchedulerOutput) -> "StepInfo":
@@ -363,7 +364,9 @@ class LLMEngine:
         gets a placeholder token (-1 - its row in this step's samples) that the next
         step's inputs resolve on the device and the collection fills in."""
         prev = self.inflight.tokens if self.inflight is not None else None
+        t0 = time.perf_counter()
         logits = self.runner.execute(sched, prev_tokens=prev)
+        execute_s = time.perf_counter() - t0
         self.scheduler.step_done()
         if logits is None:
             return None
@@ -382,7 +385,9 @@ class LLMEngine:
             req.token_ids.append(-1 - j)
             req.num_pending += 1
             rows.append((req, len(req.token_ids) - 1))
-        return InFlight(StepInfo.of(sched), rows, tokens, *_to_host(tokens, self._token_host))
+        info = StepInfo.of(sched)
+        info.execute_s = execute_s
+        return InFlight(info, rows, tokens, *_to_host(tokens, self._token_host))
 
     def _collect(self, step: InFlight) -> list[RequestOutput]:
         """Wait for a launched step's tokens; fill in the placeholders; emit outputs."""

@@ -55,6 +55,11 @@ class ModelRunner:
         # contribute two segments: a recompute and its new tokens).
         largest = packed_size(config.max_num_batched_tokens, 2 * config.max_num_seqs, width)
         self.staging = PinnedPair(largest, torch.int32, pin=device.type == "cuda")
+        # the eager steps' attention launch plans, staged in turn like the inputs (a pinned buffer
+        # allocated per step can make the host wait for the device); sized for the largest plan
+        segs = 2 * config.max_num_seqs
+        self.plan_staging = PinnedPair(3 * config.max_num_batched_tokens + 6 * segs + 128, torch.int32,
+                                       pin=device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and config.cuda_graphs and not tp.enabled:  # (the engine logs why not)
             self.graphs = DecodeGraphs(self, min(config.max_num_seqs, 256), width, self.staging)
@@ -237,7 +242,8 @@ class ModelRunner:
         if self.uses_triton:
             meta.kernel_plan = prepare_paged_attention(torch.from_numpy(inputs.seg_q_start),
                                                        torch.from_numpy(inputs.seg_pos_start),
-                                                       self.num_heads, self.num_kv_heads, device=self.device)
+                                                       self.num_heads, self.num_kv_heads, device=self.device,
+                                                       staging=self.plan_staging.next)
         return inputs, v, meta
 
     def copies_done(self) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import triton
@@ -388,6 +389,7 @@ def prepare_paged_attention(
     device: torch.device | str | None = None,
     num_splits: int | None = None,
     config: TileConfig | None = None,
+    staging: Callable[[int], torch.Tensor] | None = None,
 ) -> PagedAttentionMetadata:
     """Build the launch plan of one step (reuse it for every layer).
 
@@ -395,6 +397,9 @@ def prepare_paged_attention(
     sync; device copies are made here (non-blocking). ``num_splits``: None picks
     automatically (split-KV only for decode-only batches that underfill the GPU),
     1 disables, n > 1 forces n splits (decode-only batches; ignored otherwise).
+    ``staging(n)``: a pinned int32 host tensor of n elements the plan is copied from
+    (the caller keeps it unchanged until the copy has run); without it a pinned
+    buffer is allocated per call, which can make the host wait for the device.
     """
     if device is None:
         device = seg_q_start.device
@@ -451,7 +456,12 @@ def prepare_paged_attention(
     padded = [torch.nn.functional.pad(p, (0, -p.numel() % 16)) for p in parts]
     flat = torch.cat(padded)
     if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
+        if staging is not None:
+            host = staging(flat.numel())
+            host.copy_(flat)
+            flat = host.to(device, non_blocking=True)
+        else:
+            flat = flat.pin_memory().to(device, non_blocking=True)
     d_tiles, d_qs, d_ps, d_rows = (c[:p.numel()] for c, p in zip(torch.split(flat, [q.numel() for q in padded]), parts))
     return PagedAttentionMetadata(
         tiles=d_tiles.view(2, -1),
@@ -477,6 +487,7 @@ def decode_graph_plan(
     *,
     num_splits: int | None = None,
     config: TileConfig | None = None,
+    staging: Callable[[int], torch.Tensor] | None = None,
 ) -> PagedAttentionMetadata:
     """A launch plan for decode steps replayed from a CUDA graph: ``batch`` one-token
     segments, tile i = segment i, whatever the step's lengths. ``seg_q_start`` and
