@@ -33,6 +33,7 @@ step engine_gpu_tests "${ET_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider
     tests/engine/test_gpu_smollm2.py
 step server_gpu_tests "${SG_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
     tests/server/test_engine_process.py
+step alloc_check "${AC_LIMIT:-120}" python3 bench/alloc_check.py
 step speed_engine "${SE_LIMIT:-240}" python3 bench/engine_speed.py engine --out "$OUT/speed_engine.json"
 step speed_hf "${SH_LIMIT:-150}" python3 bench/engine_speed.py hf --out "$OUT/speed_hf.json"
 step speed_http "${SP_LIMIT:-150}" python3 bench/engine_speed.py http --out "$OUT/speed_http.json"

@@ -179,13 +179,18 @@ class ModelRunner:
             self._warm_decode_splits()
         if self.swapper is not None and self.cpu_caches and self.cpu_caches[0][0].shape[0]:
             self._warm_swap()
+        # The largest step's activations and logits: the caching allocator keeps their blocks, so
+        # serving never calls cudaMalloc (on the H200 a step that did stalled the host for about
+        # two steps' time, in the middle of the next step's launch).
+        rows = max(1, min(self.config.max_num_seqs, max_num_batched_tokens // 2))
+        self._dummy_forward([max_num_batched_tokens - rows + 1] + [1] * (rows - 1), sampled_rows=rows)
         compiled = time.perf_counter() - t0
         if self.graphs is not None:
             self.graphs.capture()
         torch.cuda.synchronize(self.device)
         log.info("warm-up: kernels compiled in %.1f s, %.1f s in all", compiled, time.perf_counter() - t0)
 
-    def _dummy_forward(self, q_lens: list[int]) -> None:
+    def _dummy_forward(self, q_lens: list[int], sampled_rows: int = 1) -> None:
         dev = self.device
         t = sum(q_lens)
         starts = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
@@ -198,7 +203,7 @@ class ModelRunner:
         if self.attention_impl == "triton":
             meta.kernel_plan = prepare_paged_attention(starts, pos_start, self.num_heads, self.num_kv_heads, device=dev)
         hidden = self.model(torch.zeros(t, dtype=torch.int64, device=dev), positions, meta, self.kv_caches)
-        self.model.compute_logits(hidden[-1:]).float()
+        self.model.compute_logits(hidden[-sampled_rows:]).float()
 
     def _warm_decode_splits(self) -> None:
         """The decode kernel with every split count an eager decode step may choose."""

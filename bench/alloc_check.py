@@ -1,0 +1,45 @@
+"""Does serving call cudaMalloc? (issue "Engine speed": a step that did stalled the host.)
+
+    python bench/alloc_check.py        # Llama-3-8B shape, dummy weights, on the GPU
+
+Runs 64 x (1240 + 40) and 256 x (512 + 24) after start-up and prints, per batch, the
+caching allocator's device allocations made while serving (0 is the goal: start-up's
+warm-up runs the largest step, whose blocks the allocator keeps) and the first
+engine.step() call times (a host stall shows as a call of about two steps' time
+followed by a short one).
+"""
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes import shape_checkpoint  # noqa: E402
+
+
+def main() -> int:
+    from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=shape_checkpoint("llama3-8b", "/tmp/pensieve-shapes"), load_format="dummy",
+                                    cache_mode="none", max_num_batched_tokens=4096, max_num_seqs=256))
+    rng = random.Random(0)
+    vocab = engine.model_config["vocab_size"]
+    for n, p, o in ((64, 1240, 40), (256, 512, 24)):
+        before = torch.cuda.memory_stats()["num_device_alloc"]
+        for _ in range(n):
+            engine.add_request([rng.randrange(vocab) for _ in range(p)],
+                               SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, detokenize=False))
+        calls = []
+        while engine.has_unfinished():
+            t0 = time.perf_counter()
+            engine.step()
+            calls.append((time.perf_counter() - t0) * 1e3)
+        grown = torch.cuda.memory_stats()["num_device_alloc"] - before
+        print(f"{n} x ({p} + {o}): cudaMalloc while serving: {grown}; first calls (ms): {[round(c) for c in calls[:30]]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
