@@ -52,9 +52,11 @@ fi
 echo "== starting the server on 127.0.0.1:$port (CPU; log: server.log below on failure)"
 # A deliberately small device tier (8 blocks of 32 tokens for SmolLM2: two short conversations
 # do not fit together) and a 256 MiB CPU tier, so the demo shows context coming back from the CPU tier.
+# Its own session store in the run's folder: the default store outlives the server (sessions are
+# durable), and a second run within the idle timeout would continue the first run's conversation.
 "$PENSIEVE_PY" -m pensieve.engine serve --model "$model" --served-model-name "$model_kind" --device cpu \
     --num-gpu-blocks "$gpu_blocks" --cpu-cache-bytes 256Mi --host 127.0.0.1 --port "$port" \
-    --api-key demo-key >"$work/server.log" 2>&1 &
+    --session-store "sqlite:///$work/sessions.sqlite3" --api-key demo-key >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 600); do
     if "$PENSIEVE_PY" -c "import sys,urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/ready', timeout=1)" 2>/dev/null; then break; fi

@@ -176,3 +176,29 @@ def test_history_from_a_store_counts_as_recomputed(make_engine):
     while engine.has_unfinished():
         outs.extend(engine.step())
     assert outs[-1].num_recomputed_tokens == 0 and outs[-1].num_cached_tokens > 0
+
+
+def test_a_replys_last_token_is_new_work_not_recomputed(make_engine):
+    """The stored history ends with the reply's last sampled token, which no forward pass has
+    computed: a turn that extends the whole history recomputes the rest of it, not that token,
+    and a turn on the engine that holds the session recomputes nothing."""
+    engine = make_engine("llama")
+    prompt = list(range(5, 45))
+    engine.add_request(prompt, PARAMS, request_id="t1", session_id="s")
+    reply = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            reply.extend(out.new_token_ids)
+    history = prompt + reply
+    engine.add_request(history + [7, 8], PARAMS, request_id="t2", session_id="s", history=history)
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    assert outs[-1].num_recomputed_tokens == 0 and outs[-1].num_cached_tokens == len(history) - 1
+    fresh = make_engine("llama")  # no KV of this conversation: all of it but the last token is recomputed
+    fresh.add_request(history + [7, 8], PARAMS, request_id="t3", session_id="s", history=history)
+    outs = []
+    while fresh.has_unfinished():
+        outs.extend(fresh.step())
+    assert outs[-1].num_recomputed_tokens == len(history) - 1
+    assert outs[-1].context_sources["new"] == 3

@@ -43,6 +43,15 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
+def stored_context_len(history: list[int], prompt: list[int]) -> int:
+    """Leading prompt tokens that a session store's ``history`` says the conversation already
+    had, as context: their common prefix, less the history's last token. That token is the
+    last one sampled for the previous reply, which no forward pass has computed yet, so
+    computing it now is new work, not recomputation (else every turn would report one
+    recomputed token while nothing was lost)."""
+    return max(0, min(common_prefix_len(history, prompt), len(history) - 1))
+
+
 # ----------------------------------------------------------------- policies
 
 class EvictionPolicy:

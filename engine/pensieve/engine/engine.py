@@ -26,7 +26,7 @@ import torch
 
 from pensieve.common.memory import cpu_tier_bytes, engine_overhead_bytes, usable_memory
 
-from .cache_manager import CacheManager, common_prefix_len
+from .cache_manager import CacheManager, stored_context_len
 from .checkpoint import checkpoint_dtype, load_tokenizer, read_config
 from .config import EngineConfig
 from .cost_model import CostModel, load_or_profile, profile_cache_path
@@ -224,7 +224,7 @@ class LLMEngine:
             session = self.scheduler.open_turn(session_id, owner, request_id)
         req = Request(request_id, list(token_ids), len(token_ids), params, max_tokens, session=session)
         if history:
-            req.stored_context = common_prefix_len(history, req.token_ids)
+            req.stored_context = stored_context_len(history, req.token_ids)
         elif stored_context:
             req.stored_context = max(0, min(int(stored_context), len(req.token_ids)))
         req.seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..cache_manager import common_prefix_len
+from ..cache_manager import stored_context_len
 from ..detokenizer import TextStream
 from ..errors import EngineDeadError
 from ..request import SessionKey
@@ -389,7 +389,7 @@ class PensieveServer:
             prompt_ids = await self._encode(messages, greq.prompt)
             stored = 0
             if history:  # a long history is compared off the loop, and never sent to the engine
-                stored = await self.loop.run_in_executor(self._tokenizer_pool, common_prefix_len, history, prompt_ids)
+                stored = await self.loop.run_in_executor(self._tokenizer_pool, stored_context_len, history, prompt_ids)
             fut, queue = self.worker.add(rid, prompt_ids, engine_params(params), sid, owner, stored)
             try:
                 lg["prompt"] = await fut
