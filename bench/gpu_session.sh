@@ -31,7 +31,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 step kernel_tests "${KT_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
 step engine_gpu_tests "${ET_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py \
     tests/engine/test_gpu_smollm2.py
-step server_gpu_tests "${SG_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
+step server_gpu_tests "${SG_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
     tests/server/test_engine_process.py
 step alloc_check "${AC_LIMIT:-120}" python3 bench/alloc_check.py
 step speed_engine "${SE_LIMIT:-240}" python3 bench/engine_speed.py engine --out "$OUT/speed_engine.json"
