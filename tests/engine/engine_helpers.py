@@ -6,10 +6,22 @@ import torch
 FAMILIES = ("llama", "qwen2", "mistral", "opt")
 
 
+def prefill_logits(engine, ids: list[int]) -> torch.Tensor:
+    """Every position's float32 logits of ``ids``, from one prefill step through the runner
+    (the request is aborted afterwards, leaving the engine as it was)."""
+    from pensieve.engine import SamplingParams
+    from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+    rid = engine.add_request(ids, SamplingParams(max_tokens=1))
+    req = engine.requests[rid]
+    assert engine.cache.grow(req, len(ids))
+    logits = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(ids))]), all_logits=True)
+    engine.abort(rid)
+    return logits
+
+
 def hf_greedy(model_dir: str, token_ids: list[int], n: int) -> list[int]:
     """Greedy continuation by transformers, recomputing the full sequence each step (the oracle)."""
-    from transformers import AutoModelForCausalLM
-
     model = _hf_model(model_dir)
     ids = list(token_ids)
     out = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import assert_greedy_until_near_tie
+from engine_helpers import assert_greedy_until_near_tie, prefill_logits
 
 from pensieve.engine import SamplingParams
 
@@ -32,15 +32,9 @@ def _hf(model_dir):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "opt"])
 def test_bf16_logits_and_greedy_tokens(make_engine, tiny_checkpoint, family):
-    from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
-
     engine = _gpu_engine(make_engine, family)
     prompt = list(range(5, 80))
-    rid = engine.add_request(prompt, SamplingParams(max_tokens=1))
-    req = engine.requests[rid]
-    assert engine.cache.grow(req, len(prompt))
-    ours = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(prompt))]), all_logits=True)
-    engine.abort(rid)
+    ours = prefill_logits(engine, prompt)
     hf = _hf(tiny_checkpoint(family))
     with torch.no_grad():
         ref = hf(torch.tensor([prompt], device="cuda")).logits[0].float()
@@ -120,7 +114,6 @@ def test_bf16_smollm2_shape(tmp_path):
     dim 64, tied embeddings) with random weights: bf16 logits against transformers' float32 on the
     same weights, and greedy decoding (decode graphs) equal to transformers' until a near-tie."""
     from pensieve.engine import EngineConfig, LLMEngine
-    from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
     from pensieve.engine.tiny import make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "smollm2-shape", "llama", hidden_size=576, num_attention_heads=9,
@@ -129,11 +122,7 @@ def test_bf16_smollm2_shape(tmp_path):
     engine = LLMEngine(EngineConfig(model=str(ckpt), device="cuda", dtype="bfloat16", num_gpu_blocks=256,
                                     num_cpu_blocks=16, block_size=16, max_num_seqs=16))
     prompt = list(range(5, 90))
-    rid = engine.add_request(prompt, SamplingParams(max_tokens=1))
-    req = engine.requests[rid]
-    assert engine.cache.grow(req, len(prompt))
-    ours = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(prompt))]), all_logits=True)
-    engine.abort(rid)
+    ours = prefill_logits(engine, prompt)
     ref = _hf(str(ckpt))
     with torch.no_grad():
         want = ref(torch.tensor([prompt], device="cuda")).logits[0].float()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import assert_greedy_until_near_tie
+from engine_helpers import assert_greedy_until_near_tie, prefill_logits
 
 from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
 from pensieve.engine.gguf_checkpoint import bundled_smollm2
@@ -43,17 +43,11 @@ def _hf_bf16_weights_in_fp32():
 
 
 def test_smollm2_bf16_logits_and_greedy_tokens():
-    from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
-
     engine = _engine()
     assert engine.runner.uses_triton
     prompt = engine.encode_chat([{"role": "user", "content": "Explain in two sentences why the sky is blue."}])
     prompt = prompt + engine.encode_chat([{"role": "user", "content": "And at sunset?"}]) * 4  # > 1 block
-    rid = engine.add_request(prompt, SamplingParams(max_tokens=1))
-    req = engine.requests[rid]
-    assert engine.cache.grow(req, len(prompt))
-    ours = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(prompt))]), all_logits=True)
-    engine.abort(rid)
+    ours = prefill_logits(engine, prompt)
     hf = _hf_bf16_weights_in_fp32()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt], device="cuda")).logits[0].float()

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from pensieve.engine import SamplingParams
-from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
 
-from engine_helpers import FAMILIES, _hf_model, hf_greedy
+from engine_helpers import FAMILIES, _hf_model, hf_greedy, prefill_logits
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 
@@ -19,16 +18,11 @@ def test_prompt_logits_match_transformers(make_engine, tiny_checkpoint, family):
     engine = make_engine(family)
     torch.manual_seed(1)
     prompt = torch.randint(0, engine.model_config["vocab_size"], (45,)).tolist()
-    rid = engine.add_request(prompt, SamplingParams(max_tokens=1))
-    req = engine.requests[rid]
-    # One chunk over the whole prompt, logits for every position.
-    assert engine.cache.grow(req, len(prompt))
-    logits = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(prompt))]), all_logits=True)
+    logits = prefill_logits(engine, prompt)  # one chunk over the whole prompt, logits for every position
     with torch.no_grad():
         ref = _hf_model(tiny_checkpoint(family))(torch.tensor([prompt])).logits[0]
     assert logits.shape == ref.shape
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
-    engine.abort(rid)
 
 
 def test_gqa_checkpoints_are_really_gqa(make_engine):

@@ -14,7 +14,7 @@ import torch
 
 from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
 from pensieve.engine.gguf_checkpoint import bundled_smollm2
-from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine_helpers import prefill_logits
 
 pytestmark = pytest.mark.slow
 
@@ -97,11 +97,7 @@ def test_weights_equal_transformers_gguf_loading(engine, hf_model):
 
 def test_prompt_logits_match_transformers(engine, hf_model):
     prompt = engine.encode_chat(PROMPTS[1])
-    rid = engine.add_request(prompt, SamplingParams(max_tokens=1))
-    req = engine.requests[rid]
-    assert engine.cache.grow(req, len(prompt))
-    logits = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(prompt))]), all_logits=True)
-    engine.abort(rid)
+    logits = prefill_logits(engine, prompt)
     with torch.no_grad():
         ref = hf_model(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(logits, ref, atol=LOGIT_ATOL, rtol=0)

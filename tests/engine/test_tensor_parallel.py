@@ -17,10 +17,9 @@ import time
 import pytest
 import torch
 
-from engine_helpers import run_to_end
+from engine_helpers import prefill_logits, run_to_end
 from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
 from pensieve.engine.errors import InvalidRequestError
-from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 COMMON = dict(device="cpu", dtype="float32", block_size=16)
 
@@ -57,15 +56,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _logits(engine, ids: list[int]) -> torch.Tensor:
-    """Every position's float32 logits of ``ids`` in one prefill step."""
-    rid = engine.add_request(ids, SamplingParams(max_tokens=1))
-    req = engine.requests[rid]
-    assert engine.cache.grow(req, len(ids))
-    logits = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(ids))]), all_logits=True)
-    engine.abort(rid)
-    return logits
-
 
 PROMPTS = [list(range(10, 60)), [7, 300, 12, 45, 99, 210, 3, 77, 18, 404, 250, 61]]
 
@@ -81,7 +71,7 @@ def test_logits_and_greedy_tokens_match_one_process(tp_engine, tiny_checkpoint, 
         assert (two.runner.num_heads, two.runner.num_kv_heads) == (2, 1)
     assert two.runner.pod_bytes_per_block == one.runner.bytes_per_block == 2 * two.runner.bytes_per_block
     for ids in PROMPTS:
-        a, b = _logits(one, ids), _logits(two, ids)
+        a, b = prefill_logits(one, ids), prefill_logits(two, ids)
         assert a.shape == b.shape == (len(ids), one.model_config["vocab_size"])
         assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import assert_greedy_until_near_tie
+from engine_helpers import assert_greedy_until_near_tie, prefill_logits
 
 from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
-from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")]
 
@@ -21,21 +20,13 @@ NEAR_TIE = 0.1
 PROMPT = list(range(5, 80))
 
 
-def _logits(engine, ids):
-    rid = engine.add_request(ids, SamplingParams(max_tokens=1))
-    req = engine.requests[rid]
-    assert engine.cache.grow(req, len(ids))
-    out = engine.runner.execute(SchedulerOutput([ScheduledChunk(req, 0, len(ids))]), all_logits=True)
-    engine.abort(rid)
-    return out
-
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_bf16_tensor_parallel_matches_one_gpu(tiny_checkpoint, family):
     common = dict(model=tiny_checkpoint(family), device="cuda", dtype="bfloat16", num_gpu_blocks=128,
                   num_cpu_blocks=32, block_size=16)
     one = LLMEngine(EngineConfig(**common))
-    ref = _logits(one, PROMPT)
+    ref = prefill_logits(one, PROMPT)
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     one_tokens = one.generate([PROMPT], params)[0]
     del one
@@ -43,7 +34,7 @@ def test_bf16_tensor_parallel_matches_one_gpu(tiny_checkpoint, family):
     two = LLMEngine(EngineConfig(**common, tensor_parallel_size=2))
     try:
         assert two.runner.device == torch.device("cuda", 0)
-        ours = _logits(two, PROMPT)
+        ours = prefill_logits(two, PROMPT)
         rel = (ours - ref).norm() / ref.norm()
         assert rel < 3e-2, float(rel)
         tokens = two.generate([PROMPT], params)[0]
