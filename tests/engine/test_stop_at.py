@@ -51,12 +51,16 @@ def test_stop_at_a_running_request(make_engine, async_scheduling):
     assert rid not in engine.requests and not engine.has_unfinished()
     s = engine.get_session("s")
     assert s.token_ids == (PROMPT + got)[:keep]
-    engine.cache.check_invariants()
-    context = (PROMPT + got)[:keep]
-    out, cached = _next_turn(engine, context, "s")
-    assert cached == keep
-    assert out == _next_turn(make_engine("llama"), context)[0]
+    _next_turn_continues_exactly(make_engine, engine, (PROMPT + got)[:keep])
 
+
+def _next_turn_continues_exactly(make_engine, engine, context: list[int]) -> None:
+    """The cut session is consistent, its next turn reuses all of ``context`` and answers as a
+    stateless engine does for the same conversation."""
+    engine.cache.check_invariants()
+    out, cached = _next_turn(engine, context, "s")
+    assert cached == len(context)
+    assert out == _next_turn(make_engine("llama"), context)[0]
 
 def test_stop_at_after_the_request_finished(make_engine):
     engine = make_engine("llama")
@@ -69,11 +73,7 @@ def test_stop_at_after_the_request_finished(make_engine):
     engine.stop_at(rid, keep, SessionKey(None, "s"))
     assert s.token_ids == (PROMPT + got)[:keep]
     assert engine.cache.gpu.num_used == used - 1  # 59 tokens held 4 blocks of 16, 42 hold 3
-    engine.cache.check_invariants()
-    context = (PROMPT + got)[:keep]
-    out, cached = _next_turn(engine, context, "s")
-    assert cached == keep
-    assert out == _next_turn(make_engine("llama"), context)[0]
+    _next_turn_continues_exactly(make_engine, engine, (PROMPT + got)[:keep])
 
 
 def test_text_stream_holds_back_a_possible_stop_and_cuts_at_it(make_engine):
