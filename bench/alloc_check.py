@@ -6,9 +6,14 @@ Runs 64 x (1240 + 40) and 256 x (512 + 24) after start-up and prints, per batch,
 caching allocator's device allocations made while serving (0 is the goal: start-up's
 warm-up runs the largest step, whose blocks the allocator keeps) and the first
 engine.step() call times (a host stall shows as a call of about two steps' time
-followed by a short one).
+followed by a short one). It also lists every synchronizing torch call made while
+serving (torch.cuda.set_sync_debug_mode), by the engine line that made it: the only
+one expected is the wait for the sampled token ids.
 """
+import collections
 import random
+import traceback
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -32,12 +37,31 @@ def main() -> int:
             engine.add_request([rng.randrange(vocab) for _ in range(p)],
                                SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, detokenize=False))
         calls = []
-        while engine.has_unfinished():
-            t0 = time.perf_counter()
-            engine.step()
-            calls.append((time.perf_counter() - t0) * 1e3)
+        syncs: collections.Counter = collections.Counter()
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            # the engine frames nearest the synchronizing call say which line made it
+            frames = [f for f in traceback.extract_stack()[:-1] if "pensieve" in f.filename]
+            syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-3:][::-1])] += 1
+
+        torch.cuda.set_sync_debug_mode("warn")
+        saved = warnings.showwarning
+        warnings.showwarning = record
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = record
+                while engine.has_unfinished():
+                    t0 = time.perf_counter()
+                    engine.step()
+                    calls.append((time.perf_counter() - t0) * 1e3)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = saved
         grown = torch.cuda.memory_stats()["num_device_alloc"] - before
         print(f"{n} x ({p} + {o}): cudaMalloc while serving: {grown}; first calls (ms): {[round(c) for c in calls[:30]]}")
+        for where, count in syncs.most_common(12):
+            print(f"  synchronizing call x{count}: {where}")
     return 0
 
 

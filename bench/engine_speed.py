@@ -81,7 +81,8 @@ def part_engine(args) -> dict:
 
     dev = torch.device("cpu" if args.smoke else "cuda")
     ceil = measure_ceilings(dev, smoke=args.smoke)
-    print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+    print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s "
+          f"(best of {ceil.get('matmul_TFLOPs_samples')})", flush=True)
     torch.cuda.empty_cache()
     model = shape_checkpoint(args.shape, args.workdir)
     t0 = time.perf_counter()

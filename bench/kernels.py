@@ -69,12 +69,17 @@ def measure_ceilings(dev, smoke):
     ms = bench_fn(lambda: b.copy_(a), smoke)
     copy = 2 * a.numel() * 2 / ms / 1e9
     del a, b
-    m = 8192
-    x = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
-    y = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
-    ms = bench_fn(lambda: x @ y, smoke)
-    mm = 2 * m**3 / ms / 1e9
-    return {"copy_TBps": copy, "matmul_TFLOPs": mm}
+    # One 8192^3 median swung from 680 to 778 TFLOP/s between H200 runs (clocks and power
+    # settle differently), which moved every prefill ratio by 14%. The ceiling is the best
+    # of three medians at two sizes: the rate the chip shows it can reach in this run.
+    rates = []
+    for m in (8192, 16384):
+        x = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+        y = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+        for _ in range(3):
+            rates.append(2 * m**3 / bench_fn(lambda: x @ y, smoke) / 1e9)
+        del x, y
+    return {"copy_TBps": copy, "matmul_TFLOPs": max(rates), "matmul_TFLOPs_samples": [round(r) for r in rates]}
 
 
 def shapes(smoke):
