@@ -8,7 +8,9 @@ warm-up runs the largest step, whose blocks the allocator keeps) and the first
 engine.step() call times (a host stall shows as a call of about two steps' time
 followed by a short one). It also lists every synchronizing torch call made while
 serving (torch.cuda.set_sync_debug_mode), by the engine line that made it: the only
-one expected is the wait for the sampled token ids.
+one expected is the wait for the sampled token ids. The batches run with launch pacing
+off, at half and three quarters of the layers, then at the engine's default
+(EngineConfig.launch_pacing), which also lists the synchronizing calls.
 """
 import collections
 import random
@@ -31,6 +33,20 @@ def main() -> int:
                                     cache_mode="none", max_num_batched_tokens=4096, max_num_seqs=256))
     rng = random.Random(0)
     vocab = engine.model_config["vocab_size"]
+    runner = engine.runner
+    default_layer = runner.pace_layer
+    for pacing in (0.0, 0.5, 0.75, None):
+        # None: the engine's default (launch_pacing), run last so that it also counts allocations
+        runner.pace_layer = (default_layer if pacing is None else
+                             None if pacing == 0 else round(pacing * runner.num_layers))
+        print(f"launch pacing {'default' if pacing is None else pacing}: pace layer {runner.pace_layer}", flush=True)
+        run_batches(engine, rng, vocab, syncs_too=pacing is None)
+    return 0
+
+
+def run_batches(engine, rng, vocab, syncs_too: bool) -> None:
+    from pensieve.engine import SamplingParams
+
     for n, p, o in ((64, 1240, 40), (256, 512, 24)):
         before = torch.cuda.memory_stats()["num_device_alloc"]
         for _ in range(n):
@@ -44,7 +60,8 @@ def main() -> int:
             frames = [f for f in traceback.extract_stack()[:-1] if "pensieve" in f.filename]
             syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-3:][::-1])] += 1
 
-        torch.cuda.set_sync_debug_mode("warn")
+        if syncs_too:
+            torch.cuda.set_sync_debug_mode("warn")
         saved = warnings.showwarning
         warnings.showwarning = record
         try:
@@ -59,10 +76,11 @@ def main() -> int:
             torch.cuda.set_sync_debug_mode(0)
             warnings.showwarning = saved
         grown = torch.cuda.memory_stats()["num_device_alloc"] - before
-        print(f"{n} x ({p} + {o}): cudaMalloc while serving: {grown}; first calls (ms): {[round(c) for c in calls[:30]]}")
+        slow = sum(c > 1.5 * sorted(calls[:16])[8] for c in calls)
+        print(f"{n} x ({p} + {o}): {sum(calls) / 1e3:.3f} s, {slow} calls over 1.5x the first prefill calls' median; "
+              f"cudaMalloc while serving: {grown}; first calls (ms): {[round(c) for c in calls[:36]]}", flush=True)
         for where, count in syncs.most_common(12):
             print(f"  synchronizing call x{count}: {where}")
-    return 0
 
 
 if __name__ == "__main__":
