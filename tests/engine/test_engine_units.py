@@ -206,3 +206,23 @@ def test_cpu_tier_layers_are_disjoint_views_of_one_buffer(make_engine):
     for i, v in enumerate(views):
         v.fill_(i)
     assert all(bool((v == i).all()) for i, v in enumerate(views))
+
+
+def test_warm_up_shape_sweep_runs_each_projection_and_the_lm_head(make_engine, monkeypatch):
+    """The start-up sweep over matmul shapes (CUDA only when serving) calls every projection of
+    a layer at each token count and the LM head at each count of sampled rows."""
+    engine = make_engine("llama")
+    runner = engine.runner
+    seen = []
+    for mod in runner.model.layers[0].modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(lambda m, args, out: seen.append((m.weight.shape, args[0].shape[0])))
+    calls = []
+    real = runner.model.compute_logits
+    monkeypatch.setattr(runner.model, "compute_logits", lambda h: calls.append(h.shape[0]) or real(h))
+    runner._warm_gemm_shapes(max_tokens=40, max_rows=6)
+    shapes = {s for s, _ in seen}
+    assert len(shapes) >= 3  # qkv, o, gate_up, down (o and ... may share a shape)
+    for shape in shapes:
+        assert sorted(m for s, m in seen if s == shape)[:40] == list(range(1, 41))
+    assert calls == [1, 2, 3, 4, 5, 6]

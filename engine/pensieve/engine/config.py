@@ -66,10 +66,9 @@ class EngineConfig:
                                        "GPU (NCCL; gloo on CPU), by attention and KV head; must divide the model's "
                                        "attention heads, KV heads and MLP width. Above 1, CUDA graphs are off")
     cuda_graphs: bool = opt(True, "replay decode steps from CUDA graphs captured at start-up (CUDA only)")
-    launch_pacing: float = opt(0.5, "an eager step's forward is launched once the eager step before it has run "
-                                    "this fraction of its layers on the device (CUDA, with asynchronous "
-                                    "scheduling): two whole steps of queued kernels can fill the driver's launch "
-                                    "queue, whose wait leaves the device idle; 0 turns it off")
+    launch_pacing: float = opt(0.0, "launch an eager step's forward only once the eager step before it has run "
+                                    "this fraction of its layers on the device (CUDA; bounds the kernels queued "
+                                    "ahead); 0: launch at once")
     session_idle_timeout: float = opt(3600.0, "seconds after which an idle session is forgotten: its KV cache "
                                               "here and its record in the session store; 0 keeps sessions "
                                               "until they are deleted")

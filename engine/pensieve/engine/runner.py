@@ -36,6 +36,7 @@ class ModelRunner:
         self.tp = tp
         self.device, self.dtype = device, dtype
         self.block_size = config.block_size
+        self.max_model_len = max_model_len
         self.model = load_model(config.model, model_cfg, device, dtype, config.load_format, config.seed, tp)
         self.num_layers = len(self.model.layers)
         # this rank's heads: the KV cache and both tiers hold num_kv_heads / N heads per block
@@ -191,6 +192,7 @@ class ModelRunner:
         # two steps' time, in the middle of the next step's launch).
         rows = max(1, min(self.config.max_num_seqs, max_num_batched_tokens // 2))
         self._dummy_forward([max_num_batched_tokens - rows + 1] + [1] * (rows - 1), sampled_rows=rows)
+        self._warm_gemm_shapes(max_num_batched_tokens, rows)
         compiled = time.perf_counter() - t0
         if self.graphs is not None:
             self.graphs.capture()
@@ -202,7 +204,8 @@ class ModelRunner:
         t = sum(q_lens)
         starts = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
         pos_start = torch.zeros(len(q_lens), dtype=torch.int32)
-        positions = torch.cat([torch.arange(n) for n in q_lens]).to(dev)
+        # (positions stay inside the model's tables: OPT's learned positions are only max_model_len long)
+        positions = (torch.cat([torch.arange(n) for n in q_lens]) % self.max_model_len).to(dev)
         width = -(-max(q_lens) // self.block_size)
         meta = AttentionMetadata(torch.full((t,), -1, dtype=torch.int64, device=dev),
                                  torch.zeros((len(q_lens), width), dtype=torch.int32, device=dev),
@@ -211,6 +214,26 @@ class ModelRunner:
             meta.kernel_plan = prepare_paged_attention(starts, pos_start, self.num_heads, self.num_kv_heads, device=dev)
         hidden = self.model(torch.zeros(t, dtype=torch.int64, device=dev), positions, meta, self.kv_caches)
         self.model.compute_logits(hidden[-sampled_rows:]).float()
+
+    def _warm_gemm_shapes(self, max_tokens: int, max_rows: int) -> None:
+        """Every matmul shape an eager step can launch: one layer's projections for each token
+        count, the LM head and greedy sampling for each count of sampled rows. cuBLAS picks a
+        kernel per shape, and the driver loads a kernel at its first launch (lazy module loading)
+        after waiting for the device: on the H200 a step whose LM head met a new row count
+        blocked the host for two steps' time, and the device then idled while it launched."""
+        linears = {}
+        for mod in self.model.layers[0].modules():
+            if isinstance(mod, torch.nn.Linear):
+                linears[tuple(mod.weight.shape)] = mod
+        xs = {k: torch.zeros(max_tokens, mod.weight.shape[1], dtype=self.dtype, device=self.device)
+              for k, mod in linears.items()}
+        # every count up to 1024, then every 4th: cuBLAS's choice changes with M in steps of tiles
+        for m in [*range(1, min(max_tokens, 1024) + 1), *range(1028, max_tokens + 1, 4), max_tokens]:
+            for k, mod in linears.items():
+                mod(xs[k][:m])  # the module's own forward: bias epilogue (and all-reduce) as when serving
+        hidden = torch.zeros(max_rows, self.model.lm_head.weight.shape[1], dtype=self.dtype, device=self.device)
+        for m in range(1, max_rows + 1):
+            torch.argmax(self.model.compute_logits(hidden[:m]).float(), dim=-1)
 
     def _warm_decode_splits(self) -> None:
         """The decode kernel with every split count an eager decode step may choose."""
@@ -302,10 +325,8 @@ class ModelRunner:
             inputs, v, meta = self.prepare(out, prev_tokens)
             meta.wait_for_layer = self._layer_hook(blocking)
             if self._pace_pending:
-                # The previous eager step has run pace_layer of its layers: with at most the rest of
-                # it queued, this step's kernels fit in the driver's launch queue. (When they did
-                # not, a launch blocked until the device had nearly drained, and the device then
-                # idled while the host launched the rest: 2 of 20 steps took 2x in a 64-prompt batch.)
+                # the previous eager step has run pace_layer of its layers: at most the rest of it
+                # is still queued ahead of this step's kernels
                 self._pace_event.synchronize()
                 self._pace_pending = False
             hidden = self.model(v["input_ids"], v["positions"], meta, self.kv_caches)
