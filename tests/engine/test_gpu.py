@@ -52,20 +52,6 @@ def test_bf16_ragged_batch_equals_solo(make_engine):
     assert engine.generate(prompts, params) == solo
 
 
-def test_launch_pacing_keeps_tokens(make_engine):
-    """Eager steps launched after the previous one's pace event give the tokens of unpaced ones,
-    and the event is recorded at the configured layer (the tiers test runs it with swaps)."""
-    prompts = [list(range(7, 7 + n)) for n in (5, 33, 64, 90)]
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    paced = _gpu_engine(make_engine, "llama", max_num_batched_tokens=40, launch_pacing=0.5)
-    plain = _gpu_engine(make_engine, "llama", max_num_batched_tokens=40, launch_pacing=0.0)
-    assert plain.runner.pace_layer is None
-    layers = paced.runner.num_layers
-    assert paced.runner.pace_layer == min(layers - 1, max(1, round(layers / 2)))
-    assert paced.generate(prompts, params) == plain.generate(prompts, params)
-    assert paced.runner._pace_event.query()
-
-
 @pytest.mark.parametrize("swap_impl", ["kernel", "dma"])
 def test_bf16_tiers_equal_stateless(make_engine, swap_impl):
     """Swap-out, swap-in (copy stream, per-layer events) and recompute on the GPU keep tokens."""

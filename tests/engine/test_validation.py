@@ -60,9 +60,6 @@ def test_bad_engine_config():
         EngineConfig(model="x", gpu_memory_utilization=1.5)
     with pytest.raises(InvalidRequestError):
         EngineConfig(model="x", cpu_cache_bytes="lots")
-    for pacing in (-0.1, 1.0):
-        with pytest.raises(InvalidRequestError, match="launch_pacing"):
-            EngineConfig(model="x", launch_pacing=pacing)
 
 
 def test_cpu_cache_bytes_are_kubernetes_quantities():

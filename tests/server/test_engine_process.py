@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -143,8 +144,17 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _maps_cuda_driver(pid: int) -> bool:
-    return "libcuda.so" in open(f"/proc/{pid}/maps").read()
+def _opened_gpu(pid: int) -> bool:
+    """Whether the process holds the GPU's device files open, as CUDA does once it initializes
+    (importing torch already maps the driver library, so the maps tell nothing)."""
+    fds = Path(f"/proc/{pid}/fd")
+    targets = []
+    for fd in fds.iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:
+            pass
+    return any(t.startswith("/dev/nvidia") for t in targets)
 
 
 @pytest.mark.gpu
@@ -162,8 +172,8 @@ def test_only_the_engine_process_uses_the_gpu(tiny_ckpt, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         pid = engine_pid(log)
-        # The driver library is loaded when CUDA initializes (PIDs in nvidia-smi may be another namespace's).
-        assert _maps_cuda_driver(pid) and not _maps_cuda_driver(proc.pid)
+        # CUDA opens the device files when it initializes (PIDs in nvidia-smi may be another namespace's)
+        assert _opened_gpu(pid) and not _opened_gpu(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]

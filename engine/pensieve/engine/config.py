@@ -66,9 +66,6 @@ class EngineConfig:
                                        "GPU (NCCL; gloo on CPU), by attention and KV head; must divide the model's "
                                        "attention heads, KV heads and MLP width. Above 1, CUDA graphs are off")
     cuda_graphs: bool = opt(True, "replay decode steps from CUDA graphs captured at start-up (CUDA only)")
-    launch_pacing: float = opt(0.0, "launch an eager step's forward only once the eager step before it has run "
-                                    "this fraction of its layers on the device (CUDA; bounds the kernels queued "
-                                    "ahead); 0: launch at once")
     session_idle_timeout: float = opt(3600.0, "seconds after which an idle session is forgotten: its KV cache "
                                               "here and its record in the session store; 0 keeps sessions "
                                               "until they are deleted")
@@ -82,8 +79,6 @@ class EngineConfig:
             raise InvalidRequestError("swap_ahead_programs must be >= 1", "swap_ahead_programs")
         if self.tensor_parallel_size < 1:
             raise InvalidRequestError("tensor_parallel_size must be >= 1", "tensor_parallel_size")
-        if not 0.0 <= self.launch_pacing < 1.0:
-            raise InvalidRequestError("launch_pacing must be in [0, 1)", "launch_pacing")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_batched_tokens and max_num_seqs must be >= 1", "max_num_batched_tokens")
         for name in ("num_gpu_blocks", "num_cpu_blocks", "max_model_len"):

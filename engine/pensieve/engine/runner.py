@@ -61,13 +61,6 @@ class ModelRunner:
         segs = 2 * config.max_num_seqs
         self.plan_staging = PinnedPair(3 * config.max_num_batched_tokens + 6 * segs + 128, torch.int32,
                                        pin=device.type == "cuda")
-        # Launch pacing (config.launch_pacing): the event an eager step records before this layer;
-        # the next eager step waits for it before launching its forward.
-        self.pace_layer = None
-        if device.type == "cuda" and config.launch_pacing > 0 and not tp.enabled:
-            self.pace_layer = min(self.num_layers - 1, max(1, round(config.launch_pacing * self.num_layers)))
-        self._pace_event = torch.cuda.Event() if self.pace_layer is not None else None
-        self._pace_pending = False
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and config.cuda_graphs and not tp.enabled:  # (the engine logs why not)
             self.graphs = DecodeGraphs(self, min(config.max_num_seqs, 256), width, self.staging)
@@ -323,12 +316,8 @@ class ModelRunner:
             logits = self.graphs.run(inputs, prev_tokens)[:len(out.chunks)]
         else:
             inputs, v, meta = self.prepare(out, prev_tokens)
-            meta.wait_for_layer = self._layer_hook(blocking)
-            if self._pace_pending:
-                # the previous eager step has run pace_layer of its layers: at most the rest of it
-                # is still queued ahead of this step's kernels
-                self._pace_event.synchronize()
-                self._pace_pending = False
+            if blocking:
+                meta.wait_for_layer = self.swapper.wait_for_layer
             hidden = self.model(v["input_ids"], v["positions"], meta, self.kv_caches)
             if not all_logits:
                 hidden = hidden.index_select(0, v["sample_rows"][:len(inputs.sample_rows)])
@@ -336,21 +325,6 @@ class ModelRunner:
         if has_swaps:
             self.swapper.after_forward()
         return logits
-
-    def _layer_hook(self, blocking: bool):
-        """What each layer calls before it reads the cache: the wait for its swap-ins (when the
-        step has blocking swaps) and, at ``pace_layer``, the launch-pacing event's record."""
-        wait = self.swapper.wait_for_layer if blocking else None
-        if self.pace_layer is None:
-            return wait
-
-        def hook(layer: int) -> None:
-            if wait is not None:
-                wait(layer)
-            if layer == self.pace_layer:
-                self._pace_event.record()
-                self._pace_pending = True
-        return hook
 
     # ---------------------------------------------------------------- tensor parallelism
     def serve_steps(self) -> None:
