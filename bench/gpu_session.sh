@@ -29,7 +29,7 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, pr
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$OUT/session.log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step kernel_tests "${KT_LIMIT:-100}" python3 -m pytest -q -p no:cacheprovider -x -rs tests/kernels
-step engine_gpu_tests "${ET_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py \
+step engine_gpu_tests "${ET_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/engine/test_gpu.py \
     tests/engine/test_gpu_smollm2.py
 step server_gpu_tests "${SG_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
     tests/server/test_engine_process.py
