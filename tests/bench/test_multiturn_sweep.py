@@ -86,6 +86,10 @@ def test_merge_parts_keys_points_and_computes_capacities():
     assert var["modes"]["none"]["capacity_at_slo"]["rate"] == 1
     assert var["capacity_ratio_pensieve_over"] == {"none": 2.0}
     assert "| sharegpt | pensieve | 2 |" in sw.table(out)
+    # rate 3's latency is 2x the low-load value: inside the 2x and 3x factors, outside 1.5x
+    assert var["modes"]["pensieve"]["capacity_by_latency_factor"] == {"1.5": 2, "2.0": 3, "3.0": 3}
+    assert var["capacity_ratio_pensieve_over_by_latency_factor"]["3.0"] == {"none": 1.0}
+    assert "| 3 / 3 |" in sw.table(out)
     with pytest.raises(SystemExit):
         sw.merge([_part("pensieve", [1]), _part("none", [1], sizing={"num_gpu_blocks": 11})])
 
