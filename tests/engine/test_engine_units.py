@@ -67,11 +67,11 @@ def test_scheduler_preempts_newest_when_decode_runs_out():
 
 def test_top_k_and_top_p_filters():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    assert torch.isinf(_apply_top_k(logits, [2])).tolist() == [[True, False, False, True]]
+    assert torch.isinf(_apply_top_k(logits, torch.tensor([2]))).tolist() == [[True, False, False, True]]
     probs = torch.softmax(logits, -1)[0]  # ~[.09, .64, .24, .03]
-    kept = ~torch.isinf(_apply_top_p(logits, [0.7]))
+    kept = ~torch.isinf(_apply_top_p(logits, torch.tensor([0.7])))
     assert kept.tolist() == [[False, True, True, False]] and probs[1] < 0.7
-    kept = ~torch.isinf(_apply_top_p(logits, [0.5]))
+    kept = ~torch.isinf(_apply_top_p(logits, torch.tensor([0.5])))
     assert kept.tolist() == [[False, True, False, False]]
 
 
@@ -83,6 +83,16 @@ def test_sampler_greedy_and_seeded():
     assert Sampler()(logits, params, [0, 3, 0], [0, 5, 0]) == tokens
     # the same row alone (another batch) draws the same token
     assert Sampler()(logits[1:2], params[1:2], [3], [5]) == tokens[1:2]
+
+
+def test_sampler_warm_up_runs_every_row_count():
+    seen = []
+    sampler = Sampler()
+    real = sampler.sample
+    sampler.sample = lambda logits, params, seeds, positions: seen.append(len(params)) or real(logits, params, seeds,
+                                                                                                positions)
+    sampler.warm_up(vocab=64, max_rows=5, device=torch.device("cpu"))
+    assert seen == [1, 2, 3, 4, 5]
 
 
 def test_sampler_draws_from_the_distribution():

@@ -52,6 +52,27 @@ def test_bf16_ragged_batch_equals_solo(make_engine):
     assert engine.generate(prompts, params) == solo
 
 
+def test_sampler_never_makes_the_host_wait():
+    """Temperature, top-k, top-p and seeded rows go to the device through pinned staging, without
+    a synchronizing call, and draw the tokens of the plain sampler."""
+    from pensieve.engine.pinned import PinnedPair
+    from pensieve.engine.sampling import Sampler
+
+    logits = torch.randn(6, 1000, device="cuda")
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=5, seed=1),
+              SamplingParams(temperature=1.2, top_p=0.5), SamplingParams(temperature=0.7, top_k=50, top_p=0.9),
+              SamplingParams(temperature=0), SamplingParams(temperature=1.0)]
+    seeds, positions = [0, 1, 2, 3, 4, 5], [3, 1, 4, 1, 5, 9]
+    staged = Sampler(staging=(PinnedPair(24, torch.int64, pin=True), PinnedPair(12, torch.float32, pin=True)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = staged.sample(logits, params, seeds, positions)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert tokens.tolist() == Sampler()(logits, params, seeds, positions)
+
+
 @pytest.mark.parametrize("swap_impl", ["kernel", "dma"])
 def test_bf16_tiers_equal_stateless(make_engine, swap_impl):
     """Swap-out, swap-in (copy stream, per-layer events) and recompute on the GPU keep tokens."""

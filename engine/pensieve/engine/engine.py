@@ -134,7 +134,13 @@ class LLMEngine:
                              num_cpu_blocks=num_cpu_blocks, cost_model=self.cost_model)
         self.scheduler = Scheduler(cache, config.max_num_batched_tokens, config.max_num_seqs)  # owns the cache
         self.runner.warm_up(config.max_num_batched_tokens)
-        self.sampler = Sampler()
+        pin = self.device.type == "cuda"
+        self.sampler = Sampler(staging=(PinnedPair(4 * config.max_num_seqs, torch.int64, pin=pin),
+                                        PinnedPair(2 * config.max_num_seqs, torch.float32, pin=pin)))
+        if self.device.type == "cuda":
+            t0 = time.perf_counter()
+            self.sampler.warm_up(self.model_config["vocab_size"], config.max_num_seqs, self.device)
+            log.info("warm-up: sampling at every row count in %.1f s", time.perf_counter() - t0)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.last_step: StepInfo | None = None

@@ -7,6 +7,7 @@ import torch
 
 from .checks import is_int, is_number
 from .errors import InvalidRequestError
+from .pinned import PinnedPair
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
@@ -90,6 +91,12 @@ class Sampler:
 
     ROWS_PER_CHUNK = 16  # rows hashed at once: bounds the [rows, vocab] int64 temporaries
 
+    def __init__(self, staging: tuple[PinnedPair, PinnedPair] | None = None):
+        """``staging``: page-locked (int64, float32) buffers for the sampled rows' parameters on CUDA.
+        Without them a tensor made from a host list is copied synchronously, so a step with a
+        temperature row would make the host wait for the device before it could launch the next."""
+        self.staging = staging
+
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
                  positions: list[int]) -> list[int]:
         return self.sample(logits, params, seeds, positions).tolist()
@@ -103,23 +110,44 @@ class Sampler:
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:  # greedy batches (the common serving case) stop here
             return tokens
-        dev = logits.device
-        rows = torch.tensor(random_rows, device=dev)
-        sub = logits.index_select(0, rows)
-        temps = torch.tensor([params[i].temperature for i in random_rows], device=dev)
-        sub = sub / temps.unsqueeze(1)
-        sub = _apply_top_k(sub, [params[i].top_k for i in random_rows])
-        sub = _apply_top_p(sub, [params[i].top_p for i in random_rows])
+        n, vocab = len(random_rows), logits.shape[1]
+        ks = [k if 0 < k < vocab else vocab for k in (params[i].top_k for i in random_rows)]
+        ps = [params[i].top_p for i in random_rows]
+        # one copy per dtype: rows, top-k, seeds, positions; temperatures, top-p
+        ints = self._upload([*random_rows, *ks, *(seeds[i] for i in random_rows),
+                             *(positions[i] for i in random_rows)], torch.int64, logits.device)
+        floats = self._upload([*(params[i].temperature for i in random_rows), *ps], torch.float32, logits.device)
+        rows, k_t, seed_t, pos_t = ints.view(4, n)
+        temps, p_t = floats.view(2, n)
+        sub = logits.index_select(0, rows) / temps.unsqueeze(1)
+        if any(k < vocab for k in ks):
+            sub = _apply_top_k(sub, k_t)
+        if any(p < 1.0 for p in ps):
+            sub = _apply_top_p(sub, p_t)
         probs = torch.softmax(sub, dim=-1)
-        seed_t = torch.tensor([seeds[i] for i in random_rows], dtype=torch.int64, device=dev)
-        pos_t = torch.tensor([positions[i] for i in random_rows], dtype=torch.int64, device=dev)
         drawn = []
-        for c in range(0, len(random_rows), self.ROWS_PER_CHUNK):
+        for c in range(0, n, self.ROWS_PER_CHUNK):
             part = slice(c, c + self.ROWS_PER_CHUNK)
             u = uniform_noise(seed_t[part], pos_t[part], probs.shape[1])
             drawn.append(torch.argmax(probs[part] / -torch.log(u), dim=-1))
         tokens[rows] = torch.cat(drawn)
         return tokens
+
+    def warm_up(self, vocab: int, max_rows: int, device: torch.device) -> None:
+        """Sample temperature, top-k and top-p rows at every row count up to ``max_rows``, so that
+        serving launches no kernel for the first time (a first launch waits for the device)."""
+        logits = torch.zeros(max_rows, vocab, device=device)
+        params = [SamplingParams(temperature=0.7, top_k=40, top_p=0.9)] * max_rows
+        rows = list(range(max_rows))
+        for m in range(1, max_rows + 1):
+            self.sample(logits[:m], params[:m], rows[:m], rows[:m])
+
+    def _upload(self, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.staging is None or device.type != "cuda":
+            return torch.tensor(values, dtype=dtype, device=device)
+        host = self.staging[0 if dtype == torch.int64 else 1].next(len(values))
+        host.copy_(torch.tensor(values, dtype=dtype))
+        return host.to(device, non_blocking=True)
 
 
 def _signed64(x: int) -> int:
@@ -190,24 +218,18 @@ def _check_logit_bias(bias) -> dict[int, float]:
     return out
 
 
-def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    ks = [k if 0 < k < vocab else vocab for k in top_ks]
-    if all(k == vocab for k in ks):
-        return logits
-    k_t = torch.tensor(ks, device=logits.device)
+def _apply_top_k(logits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Keep each row's ``ks[row]`` largest logits (1 <= k <= vocab; ties with the k-th stay)."""
     sorted_desc = torch.sort(logits, dim=-1, descending=True).values
-    kth = sorted_desc.gather(1, (k_t - 1).unsqueeze(1))
+    kth = sorted_desc.gather(1, (ks - 1).unsqueeze(1))
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
-    if all(p >= 1.0 for p in top_ps):
-        return logits
-    p_t = torch.tensor(top_ps, device=logits.device, dtype=torch.float32)
+def _apply_top_p(logits: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Keep each row's smallest set of top tokens whose mass reaches ``ps[row]``."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     # Drop a token when the mass before it already reaches top_p (the first token always stays).
-    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p_t.unsqueeze(1)
+    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= ps.unsqueeze(1)
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
