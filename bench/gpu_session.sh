@@ -14,6 +14,8 @@ unset TRITON_INTERPRET
 # Not in the default list (they need 2+ GPUs: nvidia-h200-x2 or -x4):
 #   STEPS="tensor_parallel_tests tensor_parallel" bash bench/gpu_session.sh    (one device call, < 10 min)
 #   STEPS="tensor_parallel_70b" bash bench/gpu_session.sh                      (a second call)
+# The multi-turn sweep (issue 12; bench/results/h200/MULTITURN_PLAN.md), one step per device call, in order:
+#   sweep_sharegpt_a (pensieve, gpu-only), sweep_sharegpt_b (none), sweep_long_a (pensieve), sweep_long_b (the others)
 STEPS="${STEPS:-kernel_tests engine_gpu_tests server_gpu_tests speed_engine speed_hf speed_http kernels_bench swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
@@ -56,3 +58,14 @@ step tensor_parallel "${TPB_LIMIT:-420}" python3 bench/tensor_parallel.py all --
     --out "$OUT/tensor_parallel.json"
 step tensor_parallel_70b "${TPC_LIMIT:-540}" python3 bench/tensor_parallel.py part --tp "${TP_SIZE:-2}" \
     --shape llama2-70b --out "$OUT/tensor_parallel_70b.json"
+# ShareGPT at 4-32 sessions/s (37 s per point) and the long variant at 0.5-2 (62 s per point); sized at the top rate
+SHAREGPT_SWEEP="--variant sharegpt --rates 4 8 12 16 24 32 --sizing-rate 32 --window 20 --drain 15 --time-scale 0.5 --tpot 0.02"
+LONG_SWEEP="--variant long --rates 0.5 1 2 --sizing-rate 2 --window 20 --drain 40 --tpot 0.02"
+step sweep_sharegpt_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes pensieve,gpu-only \
+    --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-a.json"
+step sweep_sharegpt_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes none \
+    --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-b.json"
+step sweep_long_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes pensieve \
+    --log-dir /tmp/sweep-logs --out "$OUT/long-a.json"
+step sweep_long_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes gpu-only,none \
+    --log-dir /tmp/sweep-logs --out "$OUT/long-b.json"
