@@ -141,6 +141,8 @@ class Sampler:
         rows = list(range(max_rows))
         for m in range(1, max_rows + 1):
             self.sample(logits[:m], params[:m], rows[:m], rows[:m])
+            if device.type == "cuda":  # the staging buffers are reused every other call, as steps do
+                torch.cuda.synchronize(device)
 
     def _upload(self, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if self.staging is None or device.type != "cuda":
