@@ -42,10 +42,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import harness  # noqa: E402
 from shapes import shape_checkpoint  # noqa: E402
 
-BATCHES = [(64, 1240, 200), (256, 512, 128), (1, 1240, 64)]
+# (requests, prompt, output, sampled): the last run repeats the first with temperature and top-p rows
+# (their parameters take the sampler's other path to the device)
+BATCHES = [(64, 1240, 200, False), (256, 512, 128, False), (1, 1240, 64, False), (64, 1240, 200, True)]
 HF_BATCH = (64, 1240, 200)
 HTTP_BATCH = (256, 512, 128)
-SMOKE = dict(batches=[(8, 40, 6), (16, 24, 4), (1, 40, 5)], hf=(8, 40, 6), http=(16, 24, 4))  # CPU plumbing check
+SMOKE = dict(batches=[(8, 40, 6, False), (16, 24, 4, False), (1, 40, 5, False), (8, 40, 6, True)],
+             hf=(8, 40, 6), http=(16, 24, 4))  # CPU plumbing check
+SAMPLED = dict(temperature=0.8, top_p=0.95)
 
 
 # ----------------------------------------------------------------------------- model arithmetic
@@ -99,9 +103,10 @@ def part_engine(args) -> dict:
     vocab = engine.model_config["vocab_size"]
     rng = random.Random(0)
     runs = []
-    for n, p, o in (SMOKE["batches"] if args.smoke else BATCHES):
+    for n, p, o, sampled in (SMOKE["batches"] if args.smoke else BATCHES):
         prompts = [[rng.randrange(vocab) for _ in range(p)] for _ in range(n)]
-        params = SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, detokenize=False)
+        params = SamplingParams(max_tokens=o, ignore_eos=True, detokenize=False,
+                                **(SAMPLED if sampled else dict(temperature=0.0)))
         steps = []
         t0 = time.perf_counter()
         for prompt in prompts:
@@ -123,6 +128,7 @@ def part_engine(args) -> dict:
                                                          next_execute=nxt.execute_s if nxt else 0.0)))
         seconds = time.perf_counter() - t0
         runs.append(summarize(m, ceil, n, p, o, seconds, steps))
+        runs[-1]["sampling"] = ", ".join(f"{k} {v}" for k, v in SAMPLED.items()) if sampled else "greedy"
         runs[-1]["triton_compiles_while_serving"] = list(compiles)
         compiles.clear()
         runs[-1]["gc_collections"] = dict(count=len(collections), max_ms=max(collections, default=0.0),
@@ -292,6 +298,8 @@ def merge(paths: list[str], smoke: bool = False) -> dict:
             result.update(json.loads(Path(path).read_text()))
     runs = result.get("runs", [])
     for run in runs:
+        if run.get("sampling", "greedy") != "greedy":
+            continue  # transformers and the HTTP clients decode greedily
         if (run["requests"], run["prompt_len"], run["output_len"]) == hf_batch and "transformers_cb_seconds" in result:
             run["transformers_cb_seconds"] = result["transformers_cb_seconds"]
             run["speedup_vs_transformers_cb"] = result["transformers_cb_seconds"] / run["seconds"]
@@ -312,7 +320,8 @@ def table(result: dict) -> str:
     for r in result["runs"]:
         d, p = r["decode_step_ms"], r["prefill_step_ms"]
         pct = r["prefill_4096_pct_matmul"]
-        lines.append(f"| {r['requests']} x ({r['prompt_len']} + {r['output_len']}) | {r['seconds']:.2f} | "
+        label = "" if r.get("sampling", "greedy") == "greedy" else f", {r['sampling']}"
+        lines.append(f"| {r['requests']} x ({r['prompt_len']} + {r['output_len']}){label} | {r['seconds']:.2f} | "
                      f"{r['roofline_seconds']:.2f} | {r['ratio']:.2f} | {d['median']:.2f} / {d['max']:.2f} | "
                      f"{r['full_decode_step_over_floor']:.2f} | {p['median']:.1f} / {p['max']:.1f} | "
                      f"{'' if pct is None else f'{pct:.0f}%'} | {r['steps_over_2x_median']} |")
@@ -330,8 +339,11 @@ def main() -> int:
     ap = harness.parser(__doc__, out_required=True)
     ap.add_argument("part", choices=["engine", "hf", "http", "merge", "table"])
     ap.add_argument("inputs", nargs="*", help="merge: the parts' JSON files")
-    ap.add_argument("--smoke", action="store_true", help="tiny batches on the CPU (checks the plumbing, no figures)")
+    ap.add_argument("--smoke", action="store_true", help="tiny batches on the CPU (checks the plumbing, no figures; "
+                                                         "the llama-mini shape unless --shape says otherwise)")
     args = ap.parse_args()
+    if args.smoke and args.shape == harness.SHAPE_DEFAULT:
+        args.shape = "llama-mini"  # the 8B shape's float32 dummy weights do not fit a CPU machine
     if args.part == "merge":
         Path(args.out).write_text(json.dumps(merge(args.inputs, args.smoke), indent=2))
         return 0
