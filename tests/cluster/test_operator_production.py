@@ -234,7 +234,9 @@ def test_inference_pool_reconciled_where_its_crd_is_served(api, co, namespace):
         assert pool["spec"]["targetPorts"] == [{"number": 8000}]
         assert pool["spec"]["endpointPickerRef"]["name"] == "chat-epp"
         assert [r["kind"] for r in pool["metadata"]["ownerReferences"]] == ["PensieveDeployment"]
-        assert get_pdep(co, namespace, "chat")["status"]["apiVersions"]["inferencePool"] == "inference.networking.k8s.io/v1"
+        # (the reconcile that created the pool writes the status after it: an earlier one may have said none)
+        wait_for(lambda: get_pdep(co, namespace, "chat")["status"]["apiVersions"]["inferencePool"]
+                 == "inference.networking.k8s.io/v1", 20, "status.apiVersions.inferencePool")
         # Drift is repaired (at the next resync: the operator does not watch a CRD that may come and go).
         raw_request(api, "PATCH", pool_path, {"spec": {"targetPorts": [{"number": 1234}]}},
                     content_type="application/merge-patch+json")
