@@ -126,6 +126,15 @@ def engine_process_main(engine_config, max_waiting_requests: int, commands: Conn
         results.send(("batch", [_wire(o) for o in batch.outputs], batch.results, batch.failed, batch.snapshot))
 
     EngineLoop(engine, max_waiting_requests).run(receive, send)
+    # Leave without the interpreter's teardown: it would free the model, the pinned CPU tier and the
+    # frozen start-up heap object by object (on the H200 the process once missed STOP_TIMEOUT and was
+    # killed); the OS and the driver reclaim all of it at exit. What is left: tensor-parallel workers
+    # (stopped between steps, as an atexit hook would have terminated them) and the logs.
+    engine.close()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- the server side
