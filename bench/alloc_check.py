@@ -29,7 +29,7 @@ from shapes import shape_checkpoint  # noqa: E402
 
 
 def main() -> int:
-    from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
+    from pensieve.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(EngineConfig(model=shape_checkpoint("llama3-8b", "/tmp/pensieve-shapes"), load_format="dummy",
                                     cache_mode="none", max_num_batched_tokens=4096, max_num_seqs=256))

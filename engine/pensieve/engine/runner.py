@@ -210,7 +210,7 @@ class ModelRunner:
 
     def _warm_gemm_shapes(self, max_tokens: int, max_rows: int) -> None:
         """Every matmul shape an eager step can launch: one layer's projections for each token
-        count, the LM head and greedy sampling for each count of sampled rows. cuBLAS picks a
+        count, the LM head for each count of sampled rows (the engine warms the sampler). cuBLAS picks a
         kernel per shape, and the driver loads a kernel at its first launch (lazy module loading)
         after waiting for the device: on the H200 a step whose LM head met a new row count
         blocked the host for two steps' time, and the device then idled while it launched."""
@@ -221,12 +221,12 @@ class ModelRunner:
         xs = {k: torch.zeros(max_tokens, mod.weight.shape[1], dtype=self.dtype, device=self.device)
               for k, mod in linears.items()}
         # every count up to 1024, then every 4th: cuBLAS's choice changes with M in steps of tiles
-        for m in [*range(1, min(max_tokens, 1024) + 1), *range(1028, max_tokens + 1, 4), max_tokens]:
+        for m in sorted({*range(1, min(max_tokens, 1024) + 1), *range(1028, max_tokens + 1, 4), max_tokens}):
             for k, mod in linears.items():
                 mod(xs[k][:m])  # the module's own forward: bias epilogue (and all-reduce) as when serving
         hidden = torch.zeros(max_rows, self.model.lm_head.weight.shape[1], dtype=self.dtype, device=self.device)
         for m in range(1, max_rows + 1):
-            torch.argmax(self.model.compute_logits(hidden[:m]).float(), dim=-1)
+            self.model.compute_logits(hidden[:m]).float()
 
     def _warm_decode_splits(self) -> None:
         """The decode kernel with every split count an eager decode step may choose."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import time
 
 from .cache_manager import CacheManager, SwapPlan
 from .errors import SessionBusyError
@@ -100,7 +99,7 @@ class Scheduler:
             raise SessionBusyError(session_id)
         session = session or self.cache.get_or_create_session(session_id, owner)
         session.active_request = request_id
-        session.last_active = time.monotonic()
+        session.last_active = self.cache.clock()
         session.num_turns += 1
         return session
 
@@ -113,7 +112,7 @@ class Scheduler:
     def truncate_session(self, key: SessionKey, num_tokens: int) -> None:
         """Cut an idle session's context back to its first ``num_tokens`` tokens (no-op while a turn runs)."""
         s = self.cache.sessions.get(key)
-        if s is not None and s.active_request is None:
+        if s is not None:
             self.cache.truncate_session(s, num_tokens)
 
     def expire_idle(self, ttl: float) -> list[SessionKey]:
