@@ -64,3 +64,48 @@ def test_logit_bias_validation(bias):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(logit_bias=bias)
     assert e.value.param == "logit_bias"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_continuation_extends_the_sessions_tokens(tiny_checkpoint, family):
+    """An append-mode turn's prompt is the session's tokens plus the template's text for the new
+    messages: the same ids as re-rendering the transcript when the reply's ids are its canonical
+    encoding; the model's own ids, kept as they are, when they are not."""
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint(family))
+    enc = PromptEncoder(tok, 1024)
+    first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    reply, new = "hello world", [{"role": "user", "content": "more please"}]
+    transcript = first + [{"role": "assistant", "content": reply}]
+    end = tok.convert_tokens_to_ids("<|end|>")
+    canonical = enc.encode_chat(first) + tok.encode(reply, add_special_tokens=False)
+    for context in (canonical + [end], canonical):  # ended at its end-of-turn token, or at max_tokens
+        assert enc.encode_continuation(context, transcript, new) == enc.encode_chat(transcript + new)
+    # ids the text would not encode back to (one per character): kept, so the whole context is a prefix
+    own = enc.encode_chat(first) + [tok.convert_tokens_to_ids(c) for c in "hello"] + \
+        tok.encode(" world", add_special_tokens=False) + [end]
+    assert own[:-1] != canonical
+    ids = enc.encode_continuation(own, transcript, new)
+    assert ids[:len(own)] == own
+    assert tok.decode(ids) == tok.decode(enc.encode_chat(transcript + new))
+
+
+def test_continuation_falls_back_where_the_template_rewrites_the_past(tiny_checkpoint):
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint("llama"))
+    enc = PromptEncoder(tok, 1024)
+    transcript = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " hello "}]
+    context = enc.encode_chat(transcript[:1]) + tok.encode(" hello ", add_special_tokens=False)
+    new = [{"role": "user", "content": "and?"}]
+    assert enc.encode_continuation(context, transcript, new) is not None
+    assert enc.encode_continuation(context, transcript[:1], new) is None  # no reply at the end
+    assert enc.encode_continuation([], transcript, new) is None
+    base = tok.chat_template
+    # a template that trims the reply's text: its rendering does not show the reply verbatim
+    tok.chat_template = base.replace("{{ message['content'] }}", "{{ message['content'] | trim }}")
+    assert enc.encode_continuation(context, transcript, new) is None
+    # a template that renders only the last two messages: the past is not a prefix of the next turn
+    tok.chat_template = base.replace("{% for message in messages %}", "{% for message in messages[-2:] %}")
+    assert enc.encode_continuation(context, transcript, new) is None
+    tok.chat_template = base
+    small = PromptEncoder(tok, len(context) + 3)
+    with pytest.raises(ContextLengthExceededError):
+        small.encode_continuation(context, transcript, new)

@@ -47,7 +47,7 @@ def test_chat_plain_and_streamed_same_text(client):
 def test_multi_turn_session_reports_cached_tokens(client, mode):
     sid = f"openai-multi-turn-{mode}"
     history: list[dict] = []
-    cached = []
+    cached, context = [], []
     for turn, text in enumerate(["tell me about the cache", "and the GPU tier?", "thanks, what about swap"]):
         new = [{"role": "user", "content": text}]
         messages = new if mode == "append" else history + new
@@ -58,6 +58,7 @@ def test_multi_turn_session_reports_cached_tokens(client, mode):
         resp = raw.parse()
         history += new + [{"role": "assistant", "content": resp.choices[0].message.content}]
         cached.append(resp.usage.prompt_tokens_details.cached_tokens)
+        context.append(resp.usage.prompt_tokens + resp.usage.completion_tokens)
         assert resp.usage.prompt_tokens > cached[-1]
         # the tier breakdown (a Pensieve extension): cached = gpu + cpu; all sources sum to the prompt
         src = resp.usage.prompt_tokens_details.model_extra["context_sources"]
@@ -66,6 +67,11 @@ def test_multi_turn_session_reports_cached_tokens(client, mode):
     assert cached[0] == 0
     assert all(c > 0 for c in cached[1:]), cached
     assert cached[2] > cached[1]  # the conversation grows, so does what comes from cache
+    if mode == "append":
+        # the session's tokens are extended, never re-encoded: all of the last turn's context is
+        # cached but its last sampled token (no forward pass has computed it), although the random
+        # model's replies need not encode back to the ids it generated
+        assert cached[1:] == [c - 1 for c in context[:-1]], (cached, context)
     info = client.get(f"/sessions/{sid}", cast_to=object)
     assert info["num_turns"] == 3 and info["cached_tokens"] > 0
     client.delete(f"/sessions/{sid}", cast_to=object)

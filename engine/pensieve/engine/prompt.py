@@ -28,6 +28,7 @@ from __future__ import annotations
 from .errors import ContextLengthExceededError, InvalidRequestError
 
 NORMALIZATION_MARGIN = 4
+_MARK = "PENSIEVE0REPLY0MARK"  # stands for a reply's text, to find what a chat template writes after one
 
 
 class PromptEncoder:
@@ -51,6 +52,40 @@ class PromptEncoder:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode_text(self.render_chat(messages), param="messages", add_special_tokens=False)
+
+    def encode_continuation(self, context: list[int], transcript: list[dict], new: list[dict]) -> list[int] | None:
+        """An append-mode turn's prompt: ``context`` (the session's tokens: its prompts and replies
+        exactly as the model read and generated them, ending with the last reply) plus the chat
+        template's text for the new messages, encoded on its own. None when the template's
+        rendering of ``transcript + new`` does not start with its rendering of ``transcript``, or
+        does not show the last reply verbatim: the caller then re-renders the whole transcript.
+
+        Why not re-render and re-tokenize the transcript every turn: a reply's text need not encode
+        back to the ids the model generated (always so with random weights, sometimes with real
+        ones), and every token after the first difference misses the session's KV cache. Here
+        the whole previous context matches, and the work per turn is the new messages', not
+        the conversation's."""
+        if not context or not transcript or not new or transcript[-1].get("role") != "assistant":
+            return None
+        reply = transcript[-1].get("content")
+        if not isinstance(reply, str):
+            return None
+        try:
+            before = self.tokenizer.apply_chat_template(transcript, tokenize=False, add_generation_prompt=False)
+            marked = self.tokenizer.apply_chat_template(transcript[:-1] + [{"role": "assistant", "content": _MARK}],
+                                                        tokenize=False, add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 -- the full render below reports the template's refusal
+            return None
+        after = self.render_chat(transcript + new)
+        cut = marked.rfind(_MARK)
+        closing = marked[cut + len(_MARK):] if cut >= 0 else None  # the template's text after a reply
+        if closing is None or not before.endswith(reply + closing) or not after.startswith(before):
+            return None
+        ids = self.encode_text(closing + after[len(before):], param="messages", add_special_tokens=False)
+        if ids and context[-1] == ids[0]:
+            ids = ids[1:]  # the reply ended with the end-of-turn token the closing starts with (its EOS)
+        self.check_len(len(context) + len(ids), "messages")
+        return context + ids
 
     def encode_text(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; raises ContextLengthExceededError when it cannot leave a

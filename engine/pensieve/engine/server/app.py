@@ -317,11 +317,18 @@ class PensieveServer:
         request["body_bytes"] = len(raw)
         return parse_json_body(raw)
 
-    async def _encode(self, messages: list[dict] | None, prompt: str | list[int] | None) -> list[int]:
+    async def _encode(self, messages: list[dict] | None, prompt: str | list[int] | None,
+                      continued: tuple | None = None) -> list[int]:
         """The prompt's token ids, computed in the tokenizer pool (the engine only gets ids).
-        Token-id prompts pass through: the engine checks them against its vocabulary."""
+        Token-id prompts pass through: the engine checks them against its vocabulary.
+        ``continued``: (the session's record, the new messages) of an append-mode turn that may
+        extend the session's tokens (``PromptEncoder.encode_continuation``); else ``messages`` are
+        rendered whole."""
         enc = self.info.prompts
-        if messages is not None:
+        if continued is not None:
+            record, new = continued
+            fn = functools.partial(_continue_or_render, enc, record.token_ids, record.messages, new, messages)
+        elif messages is not None:
             fn = functools.partial(enc.encode_chat, messages)
         elif isinstance(prompt, str):
             fn = functools.partial(enc.encode_text, prompt)
@@ -386,7 +393,9 @@ class PensieveServer:
             turn.request_id = rid
         finished = False
         try:
-            prompt_ids = await self._encode(messages, greq.prompt)
+            continued = record is not None and record.reply_is_tail and greq.session_mode == "append" \
+                and greq.kind == "chat"
+            prompt_ids = await self._encode(messages, greq.prompt, (record, greq.messages) if continued else None)
             stored = 0
             if history:  # a long history is compared off the loop, and never sent to the engine
                 stored = await self.loop.run_in_executor(self._tokenizer_pool, stored_context_len, history, prompt_ids)
@@ -437,6 +446,12 @@ class PensieveServer:
                 log.warning("%d requests still open after abort", len(self.inflight))
         log.info("drained")
         self.drained.set()
+
+
+def _continue_or_render(enc, context: list[int], transcript: list[dict], new: list[dict],
+                        messages: list[dict]) -> list[int]:
+    ids = enc.encode_continuation(context, transcript, new)
+    return ids if ids is not None else enc.encode_chat(messages)
 
 
 class _Gen:
@@ -530,7 +545,9 @@ class _Gen:
         messages = None
         if self.chat:
             messages = list(self.messages) + [{"role": "assistant", "content": self.text.text}]
-        await self.server.conversations.commit(turn, turn.prompt_ids + self.token_ids, messages)
+        # a stop string ends the text before the last tokens: the transcript is then re-rendered next turn
+        await self.server.conversations.commit(turn, turn.prompt_ids + self.token_ids, messages,
+                                               reply_is_tail=not self.text.stopped)
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.num_prompt, "completion_tokens": self.num_output,

@@ -107,8 +107,10 @@ class Conversations:
         if self.running.get(turn.key) is turn:
             del self.running[turn.key]
 
-    async def commit(self, turn: Turn, token_ids: list[int], messages: list[dict] | None) -> None:
-        """Save a finished turn: its context tokens and (chat) the transcript with the reply."""
+    async def commit(self, turn: Turn, token_ids: list[int], messages: list[dict] | None,
+                     reply_is_tail: bool = False) -> None:
+        """Save a finished turn: its context tokens and (chat) the transcript with the reply
+        (``reply_is_tail``: see SessionRecord)."""
         owner, sid = turn.key
         async with self._lock(turn.key):
             if turn.deleted:
@@ -117,7 +119,7 @@ class Conversations:
             old = turn.record
             rec = SessionRecord(owner or "", sid, token_ids, messages if messages is not None else
                                 (old.messages if old else []), (old.num_turns if old else 0) + 1,
-                                old.created if old else now, now)
+                                old.created if old else now, now, reply_is_tail and messages is not None)
             try:
                 await self.store.put(rec)
             except SessionLimitError as e:  # another turn took the last slot since begin()

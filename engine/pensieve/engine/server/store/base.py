@@ -35,16 +35,22 @@ class SessionRecord:
     num_turns: int = 0
     created: float = field(default_factory=time.time)   # unix seconds
     updated: float = field(default_factory=time.time)   # last finished turn; the idle TTL counts from here
+    # token_ids end with the last reply as generated, whose text is the transcript's last message
+    # (append mode may then extend token_ids: PromptEncoder.encode_continuation); False when a stop
+    # string cut the reply's text short of its tokens, or the last turn was no chat reply
+    reply_is_tail: bool = False
 
     def to_json(self) -> str:
         return json.dumps({"token_ids": self.token_ids, "messages": self.messages, "num_turns": self.num_turns,
-                           "created": self.created, "updated": self.updated}, separators=(",", ":"))
+                           "created": self.created, "updated": self.updated, "reply_is_tail": self.reply_is_tail},
+                          separators=(",", ":"))
 
     @classmethod
     def from_json(cls, owner: str, session_id: str, raw: str | bytes) -> "SessionRecord":
         d = json.loads(raw)
         return cls(owner, session_id, list(d.get("token_ids", [])), list(d.get("messages", [])),
-                   int(d.get("num_turns", 0)), float(d.get("created", 0.0)), float(d.get("updated", 0.0)))
+                   int(d.get("num_turns", 0)), float(d.get("created", 0.0)), float(d.get("updated", 0.0)),
+                   bool(d.get("reply_is_tail", False)))
 
 
 def owner_id(owner: str | None) -> str:
