@@ -58,9 +58,11 @@ step tensor_parallel "${TPB_LIMIT:-420}" python3 bench/tensor_parallel.py all --
     --out "$OUT/tensor_parallel.json"
 step tensor_parallel_70b "${TPC_LIMIT:-540}" python3 bench/tensor_parallel.py part --tp "${TP_SIZE:-2}" \
     --shape llama2-70b --out "$OUT/tensor_parallel_70b.json"
-# ShareGPT at 4-32 sessions/s (37 s per point) and the long variant at 0.5-2 (62 s per point); sized at the top rate
-SHAREGPT_SWEEP="--variant sharegpt --rates 4 8 12 16 24 32 --sizing-rate 32 --window 20 --drain 15 --time-scale 0.5 --tpot 0.02"
-LONG_SWEEP="--variant long --rates 0.5 1 2 --sizing-rate 2 --window 20 --drain 40 --tpot 0.02"
+# ShareGPT at 2-12 sessions/s (40 s per point) and the long variant at 0.5-2 (45 s per point); sized at the top
+# rate. Think times of 6 s (30 s x 0.2) let most sessions play most of their turns within a point; the sweeps
+# before 2026-11-29 13:00 (think 15 s, 35 s points) sent only a third of the planned turns, most of them first turns.
+SHAREGPT_SWEEP="--variant sharegpt --rates 2 4 6 8 12 --sizing-rate 12 --window 15 --drain 25 --time-scale 0.2 --tpot 0.01"
+LONG_SWEEP="--variant long --rates 0.5 1 2 --sizing-rate 2 --window 15 --drain 30 --tpot 0.012"
 step sweep_sharegpt_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes pensieve,gpu-only \
     --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-a.json"
 step sweep_sharegpt_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes none \
