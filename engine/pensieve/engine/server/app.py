@@ -14,7 +14,9 @@ two in agreement):
 Sessions. ``"session_mode": "full"`` (default): the client sends the whole
 conversation each turn and the engine reuses the cached prefix that matches.
 ``"session_mode": "append"``: the client sends only the new messages; the
-server renders the stored transcript plus them through the chat template.
+server extends the session's stored tokens with the chat template's text for
+them (``PromptEncoder.encode_continuation``), or renders the stored transcript
+plus them when the stored tokens do not end with the last reply as generated.
 Every finished turn is saved in the session store (conversations.py); the KV
 cache only speeds turns up, and a turn whose KV this engine lacks recomputes
 the stored conversation (``usage.prompt_tokens_details.recomputed_tokens``).
