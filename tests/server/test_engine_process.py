@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -177,3 +178,56 @@ def test_only_the_engine_process_uses_the_gpu(tiny_ckpt, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
+class _JoinRecorder:
+    """A process whose join() takes a while (as a waitpid on an exiting child does) and notes
+    whether two threads were ever inside it at once: Process.join is not thread-safe."""
+
+    def __init__(self):
+        self.inside, self.overlapped, self.exitcode = 0, False, None
+        self.lock = threading.Lock()
+
+    def join(self, timeout=None):
+        with self.lock:
+            self.inside += 1
+            self.overlapped |= self.inside > 1
+        time.sleep(0.3)
+        self.exitcode = 0
+        with self.lock:
+            self.inside -= 1
+
+    def is_alive(self):
+        return self.exitcode is None
+
+    def kill(self):
+        raise AssertionError("an engine process that exited was killed")
+
+
+def test_stop_and_the_reader_never_wait_for_the_process_at_once():
+    """At stop, the engine process leaves and its pipe closes: the reader thread (end-of-file) and
+    stop() both wait for it. Concurrent joins made one waitpid fail and stop() kill an exited
+    process ("did not stop within 10s", 0.3 s after the stop, on the H200)."""
+    import multiprocessing
+    import types
+
+    from pensieve.engine.server.engine_process import EngineProcess
+
+    cmd_recv, cmd_send = multiprocessing.Pipe(duplex=False)
+    res_recv, res_send = multiprocessing.Pipe(duplex=False)
+
+    def engine():  # leaves at ("stop",): its end of the results pipe closes
+        while ("stop",) not in cmd_recv.recv():
+            pass
+        res_send.close()
+
+    proc = _JoinRecorder()
+    ep = EngineProcess(proc, cmd_send, res_recv, None, types.SimpleNamespace(attach=lambda t: None, loop=None))
+    fake = threading.Thread(target=engine)
+    fake.start()
+    ep.start()
+    assert ep.stop(timeout=5) == 0
+    ep._reader.join(5)
+    fake.join(5)
+    assert not ep._reader.is_alive()
+    assert not proc.overlapped

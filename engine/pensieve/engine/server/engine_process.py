@@ -127,9 +127,10 @@ def engine_process_main(engine_config, max_waiting_requests: int, commands: Conn
 
     EngineLoop(engine, max_waiting_requests).run(receive, send)
     # Leave without the interpreter's teardown: it would free the model, the pinned CPU tier and the
-    # frozen start-up heap object by object (on the H200 the process once missed STOP_TIMEOUT and was
-    # killed); the OS and the driver reclaim all of it at exit. What is left: tensor-parallel workers
-    # (stopped between steps, as an atexit hook would have terminated them) and the logs.
+    # frozen start-up heap object by object; the OS and the driver reclaim all of it at exit. (The kill
+    # on the H200 that prompted this was most likely the server's join race: EngineProcess._join_lock.)
+    # What is left: tensor-parallel workers (stopped between steps, as an atexit hook would have
+    # terminated them) and the logs.
     engine.close()
     logging.shutdown()
     sys.stdout.flush()
@@ -147,6 +148,10 @@ class EngineProcess:
         self._outbox: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        # Process.join is not thread-safe: when the reader (at end-of-file) and stop() both wait, one
+        # waitpid reaps the child and the other fails (ECHILD), so is_alive() said a child that had
+        # exited in 0.3 s "did not stop within 10s" and stop() killed it and lost its exit code.
+        self._join_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write, name="pensieve-engine-writer", daemon=True)
         self._reader = threading.Thread(target=self._read, name="pensieve-engine-reader", daemon=True)
         client.attach(self)
@@ -170,11 +175,13 @@ class EngineProcess:
         """Stop the engine process and wait for it; returns its exit code."""
         self._stopping = True
         self.post(("stop",))
-        self.proc.join(timeout)
-        if self.proc.is_alive():
-            log.warning("the engine process did not stop within %.0fs; killing it", timeout)
-            self.proc.kill()
-            self.proc.join(5)
+        t0 = time.monotonic()
+        with self._join_lock:
+            self.proc.join(timeout)
+            if self.proc.is_alive():
+                log.warning("the engine process did not stop within %.1fs; killing it", time.monotonic() - t0)
+                self.proc.kill()
+                self.proc.join(5)
         return self.proc.exitcode
 
     def _write(self) -> None:
@@ -201,7 +208,8 @@ class EngineProcess:
             _, outputs, results, failed, snapshot = msg
             batch = Batch([_unwire(t) for t in outputs], results, failed, snapshot)
             loop.call_soon_threadsafe(self.client.deliver, batch)
-        self.proc.join(5)
+        with self._join_lock:
+            self.proc.join(5)
         if not self._stopping:
             code = self.proc.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
