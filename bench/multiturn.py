@@ -184,7 +184,7 @@ def scrape_context(url: str) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
         m = re.match(r'^(pensieve_(?:context_tokens_total|prompt_tokens_total|generation_tokens_total|'
-                     r'swap_bytes_total|evicted_tokens_total))(\{[^}]*\})? ([0-9.e+-]+)$', line)
+                     r'swap_bytes_total|evicted_tokens_total|swap_out_in_step_bytes_total|engine_steps_total))(\{[^}]*\})? ([0-9.e+-]+)$', line)
         if m:
             out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
     return out

@@ -291,6 +291,9 @@ def point_figures(rate: float, plans, results: list[mt.TurnResult], n_started: i
         "normalized_latency_p90": norm.get("p90", math.nan), "ttft_p90": ttft.get("p90", math.nan),
         "context_tokens": ctx, "context_fraction": {s: (ctx[s] / total if total else 0.0) for s in SOURCES},
         "swap_bytes": swap, "evicted_tokens": delta.get("pensieve_evicted_tokens_total", 0.0),
+        # what the copies cost the steps: in-step swap-outs, and decode steps run eagerly for copies
+        "swap_out_in_step_bytes": delta.get("pensieve_swap_out_in_step_bytes_total", 0.0),
+        "steps_by_path": {k.split('"')[1]: v for k, v in delta.items() if k.startswith("pensieve_engine_steps_total{")},
         "failures_by_status": mt._count(str(r.status) for r in results if not r.ok),
         "errors_sample": [r.error for r in results if not r.ok][:3],
     }

@@ -114,6 +114,9 @@ def test_smoke_sweep_end_to_end(tmp_path):
             assert 0 < p["ttft_s"]["p50"] <= p["ttft_s"]["p90"] <= p["ttft_s"]["p99"]
             assert set(p["normalized_latency_s_per_token"]) >= {"p50", "p90", "p99"}
             assert sum(p["context_tokens"].values()) > 0
+            # the CPU engine has no CUDA graphs: its steps are all eager
+            assert p["steps_by_path"]["eager"] > 0 and p["steps_by_path"]["graph"] == 0
+            assert 0 <= p["swap_out_in_step_bytes"] <= p["swap_bytes"].get('direction="out"', 0)
             if mode != "pensieve":
                 assert p["context_tokens"]["cpu"] == 0 and not any(p["swap_bytes"].values())
             if mode == "none":

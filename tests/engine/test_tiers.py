@@ -55,6 +55,7 @@ def test_gpu_eviction_order_exact(eviction, expected_out):
     b = put_session(cache, "B", 2, last_active=95.0)   # GPU blocks 3,4
     assert cache.reclaim(4)
     assert cache.take_plan().swap_out == expected_out
+    assert cache.stats.swap_out_in_step_blocks == cache.stats.swap_out_blocks == 4  # copies the step waits for
     cache.check_invariants()
     assert cache.gpu.num_free == 5 and cache.cpu.num_free == 0
     resident = layout(a) + layout(b)
@@ -101,6 +102,7 @@ def test_ahead_of_time_copy_keeps_gpu_copy_valid():
     # Reclaiming that chunk later needs no copy: its CPU copy is already there.
     assert cache.reclaim(1)
     assert cache.take_plan().swap_out == [] and layout(a)[0] == "c0"
+    assert cache.stats.swap_out_blocks == 1 and cache.stats.swap_out_in_step_blocks == 0  # it went ahead of time
 
 
 def test_attach_plans_recompute_swap_in_and_reuse():

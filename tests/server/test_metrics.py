@@ -15,6 +15,8 @@ COUNTERS = {"pensieve_prompt_tokens_total": None, "pensieve_generation_tokens_to
             "pensieve_context_tokens_total": ("source", {"gpu", "cpu", "recomputed", "new"}),
             "pensieve_swap_bytes_total": ("direction", {"in", "out"}),
             "pensieve_evicted_tokens_total": ("tier", {"gpu", "cpu"}),
+            "pensieve_swap_out_in_step_bytes_total": None,
+            "pensieve_engine_steps_total": ("path", {"graph", "eager", "eager_for_copies"}),
             "pensieve_requests_total": ("status", {"stop", "length", "abort"})}
 HISTOGRAMS = ["pensieve_time_to_first_token_seconds", "pensieve_inter_token_latency_seconds",
               "pensieve_request_latency_seconds"]
@@ -107,6 +109,12 @@ def test_metrics_move_as_requests_are_served(server):
     assert delta("pensieve_time_to_first_token_seconds_count") == 2
     assert delta("pensieve_request_latency_seconds_count") == 2
     assert delta("pensieve_inter_token_latency_seconds_count") == 8
+    # on the CPU every step runs eagerly: two prompts and at least 8 decode steps (fewer when
+    # prefill steps are shared), none held back by copies, none in-step swapped out
+    assert delta("pensieve_engine_steps_total", path="eager") >= 10
+    assert delta("pensieve_engine_steps_total", path="graph") == 0
+    assert delta("pensieve_engine_steps_total", path="eager_for_copies") == 0
+    assert delta("pensieve_swap_out_in_step_bytes_total") == 0
     assert value(after, "pensieve_sessions_active") >= 1
     assert value(after, "pensieve_gpu_cache_blocks") >= 1  # the session's cache
     assert 0 < value(after, "pensieve_gpu_cache_usage_ratio") <= 1

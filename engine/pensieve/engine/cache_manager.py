@@ -113,6 +113,7 @@ class SwapPlan:
 class CacheStats:
     swap_in_blocks: int = 0
     swap_out_blocks: int = 0
+    swap_out_in_step_blocks: int = 0  # of those, copies the step's layers wait for (SwapPlan.swap_out)
     evicted_tokens: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
     context_tokens: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0, "recomputed": 0, "new": 0})
 
@@ -436,6 +437,7 @@ class CacheManager:
 
     def take_plan(self) -> SwapPlan:
         plan, self._plan = self._plan, SwapPlan()
+        self.stats.swap_out_in_step_blocks += len(plan.swap_out)
         return plan
 
     def finish_step(self) -> None:

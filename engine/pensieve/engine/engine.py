@@ -94,6 +94,7 @@ class EngineStats:
     generation_tokens: int = 0
     preemptions: int = 0
     steps: int = 0
+    step_paths: dict[str, int] = field(default_factory=dict)  # steps by ModelRunner.last_path
     requests_finished: dict[str, int] = field(default_factory=dict)
 
 
@@ -176,7 +177,9 @@ class LLMEngine:
 
     def swap_bytes(self, direction: str) -> int:
         """Bytes copied between the tiers, summed over the tensor-parallel ranks."""
-        blocks = self.cache.stats.swap_in_blocks if direction == "in" else self.cache.stats.swap_out_blocks
+        stats = self.cache.stats
+        blocks = {"in": stats.swap_in_blocks, "out": stats.swap_out_blocks,
+                  "out_in_step": stats.swap_out_in_step_blocks}[direction]
         return blocks * self.runner.pod_bytes_per_block
 
     def close(self, clean: bool = True) -> None:
@@ -377,6 +380,8 @@ class LLMEngine:
         if logits is None:
             return None
         self.stats.steps += 1
+        path = self.runner.last_path
+        self.stats.step_paths[path] = self.stats.step_paths.get(path, 0) + 1
         self.stats.computed_tokens += sched.num_batched_tokens
         sampling = [c.request for c in sched.chunks if c.samples]
         tokens = self.sampler.sample(logits, [r.params for r in sampling], [r.seed for r in sampling],

@@ -62,6 +62,7 @@ class ModelRunner:
         self.plan_staging = PinnedPair(3 * config.max_num_batched_tokens + 6 * segs + 128, torch.int32,
                                        pin=device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
+        self.last_path = "eager"  # how the last step ran: graph, eager or eager_for_copies
         if device.type == "cuda" and config.cuda_graphs and not tp.enabled:  # (the engine logs why not)
             self.graphs = DecodeGraphs(self, min(config.max_num_seqs, 256), width, self.staging)
 
@@ -311,6 +312,10 @@ class ModelRunner:
                 self.swapper.finish_without_compute()
             return None
         graph_batch = self._graph_batch(out, blocking, all_logits)
+        # for pensieve_engine_steps_total: a decode step that runs eagerly only because its layers
+        # wait for in-step copies is counted apart
+        self.last_path = "graph" if graph_batch is not None else (
+            "eager_for_copies" if blocking and self._graph_batch(out, False, all_logits) is not None else "eager")
         if graph_batch is not None:
             inputs = build_step_inputs(out, self.block_size, pad_to=graph_batch, width=self.graphs.width)
             logits = self.graphs.run(inputs, prev_tokens)[:len(out.chunks)]

@@ -32,7 +32,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .snapshot import CONTEXT_SOURCES, EngineSnapshot
+from .snapshot import CONTEXT_SOURCES, STEP_PATHS, EngineSnapshot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -96,6 +96,14 @@ class _EngineCollector:
                                 labels=["direction"])
         for d in ("in", "out"):
             c.add_metric([d], s.swap_bytes.get(d, 0))
+        yield c
+        c = CounterMetricFamily("pensieve_swap_out_in_step_bytes",
+                                "Of the bytes copied to the CPU tier, those a step's layers waited for")
+        c.add_metric([], s.swap_out_in_step_bytes)
+        yield c
+        c = CounterMetricFamily("pensieve_engine_steps", "Engine steps by how they ran", labels=["path"])
+        for path in STEP_PATHS:
+            c.add_metric([path], s.step_paths.get(path, 0))
         yield c
         c = CounterMetricFamily("pensieve_evicted_tokens", "Cached tokens evicted from a tier", labels=["tier"])
         for t in ("gpu", "cpu"):

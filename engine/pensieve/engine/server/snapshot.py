@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 CONTEXT_SOURCES = ("gpu", "cpu", "recomputed", "new")
+STEP_PATHS = ("graph", "eager", "eager_for_copies")  # the values of ModelRunner.last_path
 
 
 @dataclass
@@ -39,6 +40,8 @@ class EngineSnapshot:
     requests_finished: dict[str, int] = field(default_factory=dict)
     preemptions: int = 0
     steps: int = 0
+    step_paths: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STEP_PATHS, 0))
+    swap_out_in_step_bytes: int = 0  # of swap_bytes["out"], the copies a step's layers waited for
 
     def as_dict(self) -> dict:
         from dataclasses import asdict
@@ -74,6 +77,8 @@ def engine_metrics_snapshot(engine) -> EngineSnapshot:
     s.requests_finished = dict(stats.requests_finished)
     s.preemptions = int(stats.preemptions)
     s.steps = int(stats.steps)
+    s.step_paths = {**dict.fromkeys(STEP_PATHS, 0), **stats.step_paths}
+    s.swap_out_in_step_bytes = int(engine.swap_bytes("out_in_step"))
     return s
 
 
