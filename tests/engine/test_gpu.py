@@ -88,6 +88,7 @@ def test_bf16_tiers_equal_stateless(make_engine, swap_impl):
     oracle = _gpu_engine(make_engine, "llama", cache_mode="none", num_gpu_blocks=256)
     assert run_interleaved(engine, oracle, seed=7, n_sessions=6, n_turns=4) == 24
     assert engine.cache.stats.context_tokens["cpu"] > 0 and engine.cache.stats.context_tokens["recomputed"] > 0
+    assert engine.cache.stats.swap_out_in_step_blocks <= engine.cache.stats.swap_out_blocks
 
 
 def test_decode_graphs_equal_eager(make_engine):
@@ -99,6 +100,9 @@ def test_decode_graphs_equal_eager(make_engine):
     eager = make_engine("llama", device="cuda", dtype="float32", max_num_seqs=16, cuda_graphs=False)
     assert graphs.runner.graphs is not None and 8 in graphs.runner.graphs.graphs
     assert graphs.generate(prompts, params) == eager.generate(prompts, params)
+    # pensieve_engine_steps_total: the graph engine's decode steps replayed graphs, the other's ran eagerly
+    assert graphs.stats.step_paths.get("graph", 0) >= 20 and not graphs.stats.step_paths.get("eager_for_copies")
+    assert eager.stats.step_paths.get("graph", 0) == 0 and eager.stats.step_paths["eager"] >= 20
 
 
 @pytest.mark.parametrize("swap_impl", ["kernel", "dma"])
