@@ -87,6 +87,11 @@ class PromptEncoder:
         self.check_len(len(context) + len(ids), "messages")
         return context + ids
 
+    def encode_append(self, context: list[int], transcript: list[dict], new: list[dict]) -> list[int]:
+        """``encode_continuation``, or the whole conversation rendered where it cannot apply."""
+        ids = self.encode_continuation(context, transcript, new)
+        return ids if ids is not None else self.encode_chat(transcript + new)
+
     def encode_text(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; raises ContextLengthExceededError when it cannot leave a
         token to generate, InvalidRequestError when it cannot be tokenized at all."""

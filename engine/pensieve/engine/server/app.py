@@ -70,7 +70,7 @@ from .logsafe import clean
 from .metrics import ServerMetrics
 from .protocol import (APIError, GenerationRequest, bad, check_session_id, from_engine_error, parse_chat,
                        parse_completion, parse_json_body, session_not_found)
-from .store import default_store_url, open_store
+from .store import SessionRecord, default_store_url, open_store
 from .worker import EngineClient, EngineInfo, engine_params
 
 log = logging.getLogger("pensieve.server")
@@ -320,16 +320,15 @@ class PensieveServer:
         return parse_json_body(raw)
 
     async def _encode(self, messages: list[dict] | None, prompt: str | list[int] | None,
-                      continued: tuple | None = None) -> list[int]:
+                      extend: SessionRecord | None = None) -> list[int]:
         """The prompt's token ids, computed in the tokenizer pool (the engine only gets ids).
         Token-id prompts pass through: the engine checks them against its vocabulary.
-        ``continued``: (the session's record, the new messages) of an append-mode turn that may
-        extend the session's tokens (``PromptEncoder.encode_continuation``); else ``messages`` are
-        rendered whole."""
+        ``extend``: the record whose transcript starts ``messages`` and whose tokens the prompt
+        extends where it can (``PromptEncoder.encode_append``)."""
         enc = self.info.prompts
-        if continued is not None:
-            record, new = continued
-            fn = functools.partial(_continue_or_render, enc, record.token_ids, record.messages, new, messages)
+        if extend is not None:
+            fn = functools.partial(enc.encode_append, extend.token_ids, extend.messages,
+                                   messages[len(extend.messages):])
         elif messages is not None:
             fn = functools.partial(enc.encode_chat, messages)
         elif isinstance(prompt, str):
@@ -380,8 +379,10 @@ class PensieveServer:
         lg = request["log"]
         record = turn.record if turn is not None else None
         messages = greq.messages
+        extend = None  # an append-mode turn's record whose tokens the prompt may extend
         if greq.kind == "chat" and greq.session_mode == "append":
             messages = (list(record.messages) if record is not None else []) + greq.messages
+            extend = record if record is not None and record.reply_is_tail else None
         if turn is not None and turn.deleted:  # deleted while its record was being read
             raise session_deleted(sid)
         history = record.token_ids if record is not None else None
@@ -395,9 +396,7 @@ class PensieveServer:
             turn.request_id = rid
         finished = False
         try:
-            continued = record is not None and record.reply_is_tail and greq.session_mode == "append" \
-                and greq.kind == "chat"
-            prompt_ids = await self._encode(messages, greq.prompt, (record, greq.messages) if continued else None)
+            prompt_ids = await self._encode(messages, greq.prompt, extend)
             stored = 0
             if history:  # a long history is compared off the loop, and never sent to the engine
                 stored = await self.loop.run_in_executor(self._tokenizer_pool, stored_context_len, history, prompt_ids)
@@ -448,12 +447,6 @@ class PensieveServer:
                 log.warning("%d requests still open after abort", len(self.inflight))
         log.info("drained")
         self.drained.set()
-
-
-def _continue_or_render(enc, context: list[int], transcript: list[dict], new: list[dict],
-                        messages: list[dict]) -> list[int]:
-    ids = enc.encode_continuation(context, transcript, new)
-    return ids if ids is not None else enc.encode_chat(messages)
 
 
 class _Gen:
