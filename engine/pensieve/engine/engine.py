@@ -54,6 +54,7 @@ class StepInfo:
     wait_s: float = 0.0  # host time spent waiting for this step's tokens (0: the host was the bottleneck)
     launch_s: float = 0.0  # host time to prepare and enqueue it (a sync hidden in there shows up here)
     execute_s: float = 0.0  # of which the runner (inputs, swaps, forward pass): the rest is sampling and Python
+    schedule_s: float = 0.0  # host time the scheduler took to decide it (cache tiers included)
 
     @classmethod
     def of(cls, sched: SchedulerOutput) -> "StepInfo":
@@ -264,12 +265,14 @@ class LLMEngine:
         done = self.runner.copies_done()
         if done:
             self.scheduler.copies_done(done)
+        t_sched = time.perf_counter()
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         t0 = time.perf_counter()
         launched = None if sched.is_empty else self._launch(sched)
         if launched is not None:
             launched.info.launch_s = time.perf_counter() - t0
+            launched.info.schedule_s = t0 - t_sched
         done, self.inflight = self.inflight, launched
         if not self.async_scheduling:
             done, self.inflight = launched, None

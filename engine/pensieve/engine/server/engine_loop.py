@@ -36,6 +36,7 @@ log = logging.getLogger("pensieve.server")
 EXPIRY_INTERVAL = 1.0     # seconds between checks for idle sessions to forget
 SNAPSHOT_INTERVAL = 0.05  # seconds between snapshots while steps run
 IDLE_WAIT = 1.0           # seconds an idle loop waits for a command
+STATS_INTERVAL = 10.0     # seconds between the step-statistics log lines while steps run
 
 
 @dataclass
@@ -57,6 +58,7 @@ class EngineLoop:
         self.max_waiting_requests = max_waiting_requests
         self._next_expiry = 0.0
         self._last_snapshot = 0.0
+        self.step_log = StepLog(engine)
 
     def run(self, receive: Callable[[float], list[tuple]], send: Callable[[Batch], None]) -> None:
         """Serve until a ("stop",) command. ``receive(timeout)`` returns the commands that
@@ -73,6 +75,7 @@ class EngineLoop:
             stepped = engine.has_unfinished()
             if stepped:
                 self._step(batch)
+                self.step_log.stepped(now)
             worked = stepped or bool(cmds)
             since = time.monotonic() - self._last_snapshot
             if (worked and (since >= SNAPSHOT_INTERVAL or not engine.has_unfinished())) or since >= IDLE_WAIT:
@@ -144,6 +147,57 @@ class EngineLoop:
             else:
                 log.error("unknown engine command %r", kind)
         return False
+
+
+class StepLog:
+    """One log line every ``STATS_INTERVAL`` seconds of serving: steps by path, where a step's host
+    time went (scheduling, launching, waiting for the device), queues, preemptions and copies
+    between the tiers. It says whether the host or the device sets the pace, and what the
+    CPU tier costs, without a profiler."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.start = None
+        self.last_info = None
+        self.sums = [0, 0.0, 0.0, 0.0]  # steps, schedule, launch, wait (seconds)
+        self.base = self._counters()
+
+    def _counters(self) -> dict:
+        e = self.engine
+        c = {f"path:{k}": v for k, v in e.stats.step_paths.items()}
+        c["preemptions"] = e.stats.preemptions
+        for d in ("in", "out", "out_in_step"):
+            c[d] = e.swap_bytes(d)
+        return c
+
+    def stepped(self, now: float) -> None:
+        info = self.engine.last_step
+        if info is not None and info is not self.last_info:
+            self.last_info = info
+            n = self.sums
+            n[0] += 1
+            n[1] += info.schedule_s
+            n[2] += info.launch_s
+            n[3] += info.wait_s
+        if self.start is None:
+            self.start = now
+        elif now - self.start >= STATS_INTERVAL:
+            log.info("%s", self.line(now))
+            self.start, self.sums, self.base = now, [0, 0.0, 0.0, 0.0], self._counters()
+
+    def line(self, now: float) -> str:
+        span = max(now - self.start, 1e-9)
+        steps, sched, launch, wait = self.sums
+        per = (lambda x: 1e3 * x / steps) if steps else (lambda x: 0.0)
+        c = self._counters()
+        d = {k: c[k] - self.base.get(k, 0) for k in c}
+        paths = ", ".join(f"{k[5:]} {v}" for k, v in sorted(d.items()) if k.startswith("path:") and v)
+        s = self.engine.scheduler
+        return (f"steps: {steps} in {span:.1f} s ({paths or 'none'}), {1e3 * span / max(steps, 1):.2f} ms each: "
+                f"schedule {per(sched):.2f}, launch {per(launch):.2f}, wait for the device {per(wait):.2f} ms; "
+                f"running {len(s.running)}, waiting {len(s.waiting)}, preempted {d['preemptions']}; "
+                f"swap in {d['in'] / span / 1e9:.2f} GB/s, out {d['out'] / span / 1e9:.2f} GB/s "
+                f"(in-step {d['out_in_step'] / span / 1e9:.2f})")
 
 
 def portable(e: BaseException) -> BaseException:
