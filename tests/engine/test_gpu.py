@@ -82,7 +82,7 @@ def test_bf16_tiers_equal_stateless(make_engine, swap_impl):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_tiers import run_interleaved
 
-    engine = _gpu_engine(make_engine, "llama", num_gpu_blocks=16, num_cpu_blocks=6, max_num_batched_tokens=48,
+    engine = _gpu_engine(make_engine, "llama", num_gpu_blocks=16, num_cpu_blocks=12, max_num_batched_tokens=48,
                          swap_impl=swap_impl)
     assert engine.runner.cpu_buffer.pinned
     oracle = _gpu_engine(make_engine, "llama", cache_mode="none", num_gpu_blocks=256)

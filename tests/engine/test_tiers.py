@@ -124,9 +124,95 @@ def test_attach_plans_recompute_swap_in_and_reuse():
     assert req.block_ids[2:] == g and (req.recompute_pos, req.recompute_end, req.num_computed_tokens) == (0, 4, 16)
     assert req.num_cached_tokens == 12
     assert cache.stats.context_tokens == {"gpu": 8, "cpu": 4, "recomputed": 4, "new": 3}
+    # the full chunks' CPU copies stay with the request (the swapped-in source and the ahead copy)
+    assert req.cpu_copies == [None, c[0], c[1], None]
     cache.finish_step()
+    req.recompute_pos = 4  # the step computed the dropped chunk: all 16 tokens are valid
     cache.release(req)
-    assert cache.cpu.num_free == 4
+    assert [ch.cpu for ch in s.chunks] == [None, c[0], c[1], None] and cache.cpu.num_free == 2
+    cache.check_invariants()
+    # evicting three chunks copies only the recomputed one: the next two have their copies
+    first = s.chunks[0].gpu
+    assert cache.reclaim(3)
+    assert [g for g, _ in cache.take_plan().swap_out] == [first]
+    assert layout(s)[:3] == [f"c{s.chunks[0].cpu}", f"c{c[0]}", f"c{c[1]}"]
+    cache.check_invariants()
+
+
+def test_request_keeps_copies_of_full_chunks_only():
+    """A copy is kept only for a full chunk: the last, partial chunk of the matched context
+    grows during the turn, so its copy would be stale."""
+    cache = make_cache("retention", gpu=10, cpu=8)
+    s = cache.get_or_create_session("S")
+    s.token_ids = list(range(10))  # chunks of 4: the third holds 2 tokens
+    cpu = cache.cpu.allocate(3)
+    s.chunks = [Chunk(cpu=x) for x in cpu]
+    prompt = list(range(10)) + [50]
+    req = Request("r", prompt, len(prompt), SamplingParams(), 4, session=s)
+    s.active_request = "r"
+    match, recompute, missing = cache.plan_attach(req)
+    cache.attach(req, match, recompute)
+    assert [d for _, d in cache.take_plan().swap_in] == req.block_ids[:3]
+    assert req.cpu_copies == [cpu[0], cpu[1], None]
+    cache.finish_step()
+    assert cache.cpu.num_free == 6  # the partial chunk's source went back after the step
+    cache.free_request(req)
+    assert cache.cpu.num_free == 8 and cache.gpu.num_free == 10 and cache.request_copies == 0
+
+
+def test_requests_keep_copies_in_at_most_half_the_cpu_tier():
+    cache = make_cache("retention", gpu=10, cpu=4)
+    s = cache.get_or_create_session("S")
+    s.token_ids = list(range(16))
+    s.chunks = [Chunk(cpu=x) for x in cache.cpu.allocate(4)]
+    req = Request("r", list(range(17)), 17, SamplingParams(), 4, session=s)
+    s.active_request = "r"
+    cache.attach(req, *cache.plan_attach(req)[:2])
+    assert sum(x is not None for x in req.cpu_copies) == 2 == cache.request_copies
+    cache.finish_step()
+    assert cache.cpu.num_free == 2
+    cache.release(req)
+    assert cache.request_copies == 0 and cache.cpu.num_free == 2
+
+
+def test_reclaim_takes_chunks_with_a_cpu_copy_first():
+    """A chunk already copied to the CPU costs nothing to evict: reclaim takes those first (in
+    value order), and copies a chunk within the step only when they run out."""
+    cache = make_cache("retention", gpu=6, cpu=6)
+    a = put_session(cache, "A", 2, last_active=50.0)  # idle 50 s: the lowest values, no copies
+    b = put_session(cache, "B", 3, last_active=99.0)  # idle 1 s: high values; its first two copied
+    for ch in b.chunks[:2]:
+        ch.cpu = cache.cpu.allocate(1)[0]
+    assert cache.reclaim(2)
+    assert cache.take_plan().swap_out == []
+    assert layout(b)[:2] == ["c0", "c1"] and layout(a) == ["g0", "g1"]
+    assert cache.reclaim(2)  # now only chunks without a copy are left: A's, leading first
+    assert cache.take_plan().swap_out == [(0, 2), (1, 3)]
+    cache.check_invariants()
+
+
+def test_ahead_copy_drops_only_a_cpu_chunk_worth_less():
+    """With the CPU tier full, an ahead-of-time copy makes room by dropping a CPU chunk of lower
+    retention value than the chunk it copies, and stops when there is none."""
+    clock = Clock(100.0)
+    cache = make_cache("retention", gpu=8, cpu=1, clock=clock)
+    old = put_session(cache, "old", 1, last_active=10.0)
+    cache.reclaim(1)
+    cache.take_plan()
+    assert layout(old) == ["c0"] and cache.cpu.num_free == 0
+    a = put_session(cache, "A", 7, last_active=99.0)  # 1 of 8 blocks free: under the watermark
+    cache.plan_swap_ahead()
+    # old's chunk (idle 90 s) is worth less than A's first chunk (idle 1 s): dropped for it
+    assert cache.take_plan().swap_out_ahead == [(1, 0)]
+    assert layout(old) == ["drop"] and layout(a)[0] == "g1+c0"
+    cache.check_invariants()
+    fresh = make_cache("retention", gpu=8, cpu=1, clock=clock)
+    keep = put_session(fresh, "keep", 1, last_active=99.9)  # idle 0.1 s: worth more than B's
+    fresh.reclaim(1)
+    fresh.take_plan()
+    put_session(fresh, "B", 7, last_active=40.0)
+    fresh.plan_swap_ahead()
+    assert fresh.take_plan().swap_out_ahead == [] and layout(keep) == ["c0"]
 
 
 def test_admission_keeps_ten_percent_free():
@@ -207,7 +293,7 @@ def _shared_oracle(make_engine):
 
 def test_pressure_exercises_every_path(make_engine):
     """One fixed run small enough to need swap-out, swap-in, drop, recompute and suspension."""
-    engine = make_engine("llama", num_gpu_blocks=16, num_cpu_blocks=6, max_num_batched_tokens=48)
+    engine = make_engine("llama", num_gpu_blocks=16, num_cpu_blocks=12, max_num_batched_tokens=48)
     oracle = make_engine("llama", cache_mode="none", num_gpu_blocks=256)
     assert run_interleaved(engine, oracle, seed=7, n_sessions=6, n_turns=4) == 24
     src = engine.cache.stats.context_tokens
@@ -215,6 +301,7 @@ def test_pressure_exercises_every_path(make_engine):
     assert src["recomputed"] > 0, src
     assert src["gpu"] > 0 and src["new"] > 0
     assert engine.cache.stats.swap_out_blocks > 0 and engine.cache.stats.swap_in_blocks > 0
+    assert 0 < engine.cache.stats.swap_out_in_step_blocks < engine.cache.stats.swap_out_blocks
     assert engine.cache.stats.evicted_tokens["cpu"] > 0
     assert engine.stats.preemptions > 0
     assert engine.swap_bytes("in") == engine.cache.stats.swap_in_blocks * engine.runner.bytes_per_block

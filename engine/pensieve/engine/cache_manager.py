@@ -1,19 +1,24 @@
 """The cache tiers: sessions' contexts in GPU and CPU block pools, eviction, swap plans.
 
 The CacheManager owns both BlockPools and every session. A block has exactly
-one holder: a running request (GPU blocks only) or a session's chunk. At
-admission a session's matching context moves to its request (``attach``):
-GPU chunks are used in place, CPU chunks are swapped in, dropped leading
-chunks are recomputed as a second query segment. When the request ends its
-GPU blocks go back to the session (``release``).
+one holder: a running request or a session's chunk. At admission a session's
+matching context moves to its request (``attach``): GPU chunks are used in
+place, CPU chunks are swapped in, dropped leading chunks are recomputed as a
+second query segment. A chunk's CPU copy stays with the request
+(``Request.cpu_copies``) when the block is full: a conversation's past never
+changes, so the copy is still valid when the turn ends, and the next eviction
+of that chunk frees its GPU block without copying it again. When the request
+ends its blocks go back to the session (``release``).
 
 Pressure, in the ``pensieve`` mode (the paper's design):
 - ahead of time, when free GPU blocks fall under ``swap_out_below``, the
   lowest-value GPU chunks of idle sessions are copied to the CPU and stay valid
   on the GPU until their slot is reclaimed;
 - ``reclaim`` takes GPU chunks in ascending retention value (leading chunks of
-  idle sessions first), copying those without a CPU copy first (urgent
-  swap-out); a full CPU tier drops its own lowest-value chunk (leading first);
+  idle sessions first): first those that already have a CPU copy (free to
+  take), then the others, copying each to the CPU first (urgent swap-out, which
+  the step's layers must wait for); a full CPU tier drops its own lowest-value
+  chunk (leading first);
 - new requests are admitted only while more than ``admit_above`` of the GPU
   blocks stay free.
 ``gpu-only`` keeps what stays in GPU memory (LRU, from the tail: a prefix
@@ -139,6 +144,7 @@ class CacheManager:
         self.copying: dict[int, int] = {}
         self._ahead_batches = itertools.count(1)
         self._cpu_free_after_step: list[int] = []
+        self.request_copies = 0  # CPU blocks held by running requests (Request.cpu_copies)
 
     # ------------------------------------------------------------- sessions
     # Sessions are keyed by SessionKey(owner, id): the same id under two API keys names two sessions.
@@ -215,25 +221,35 @@ class CacheManager:
         if fresh is None:
             raise AssertionError("attach() after admissible() could not get GPU blocks")
         blocks: list[int] = []
+        copies: list[int | None] = []
         source = {"gpu": 0, "cpu": 0, "recomputed": 0}
         for i, c in enumerate(chunks):
             tokens = min(bs, match - i * bs)
+            # a full block's copy stays valid (the request never rewrites it); keep it while
+            # requests hold at most half the CPU tier, so that idle sessions keep room there
+            keep_copy = c.cpu is not None and tokens == bs and 2 * (self.request_copies + 1) <= self.cpu.num_blocks
             if c.gpu is not None:
                 blocks.append(c.gpu)
-                if c.cpu is not None:
-                    self.cpu.free([c.cpu])
                 source["gpu"] += tokens
-                continue
-            gpu = fresh.pop(0)
-            if c.cpu is not None:
-                self._plan.swap_in.append((c.cpu, gpu))
-                self._cpu_free_after_step.append(c.cpu)  # the copy reads it during this step
-                self.stats.swap_in_blocks += 1
-                source["cpu"] += tokens
             else:
-                source["recomputed"] += tokens
-            blocks.append(gpu)
+                gpu = fresh.pop(0)
+                if c.cpu is not None:
+                    self._plan.swap_in.append((c.cpu, gpu))
+                    self.stats.swap_in_blocks += 1
+                    source["cpu"] += tokens
+                else:
+                    source["recomputed"] += tokens
+                blocks.append(gpu)
+            if keep_copy:
+                self.request_copies += 1
+            elif c.cpu is not None:
+                if c.gpu is None:
+                    self._cpu_free_after_step.append(c.cpu)  # the swap-in reads it during this step
+                else:
+                    self.cpu.free([c.cpu])
+            copies.append(c.cpu if keep_copy else None)
         req.block_ids = blocks
+        req.cpu_copies = copies
         req.num_computed_tokens = match
         req.recompute_pos, req.recompute_end = 0, recompute
         if count_context:
@@ -250,21 +266,33 @@ class CacheManager:
     def release(self, req: Request) -> None:
         """The request ended: its valid context goes back to its session, the rest to the pool."""
         s = req.session
-        blocks, req.block_ids = req.block_ids, []
         if s is not None and s.active_request == req.request_id:
             s.active_request = None
             s.last_active = self.clock()
             valid = req.num_valid_tokens
             if self.cache_mode != "none" and valid > 0 and not s.internal:
-                keep = self._blocks_for(valid)
                 s.token_ids = req.token_ids[:valid]
-                s.chunks = [Chunk(gpu=b) for b in blocks[:keep]]
-                blocks = blocks[keep:]
+                s.chunks = self._take_chunks(req, self._blocks_for(valid))
             if s.internal:  # it only held a suspended request's context
                 self._free_chunks(s.chunks)
                 s.chunks, s.token_ids = [], []
                 self.sessions.pop(s.key, None)
-        self.gpu.free(blocks)
+        self.free_request(req)
+
+    def free_request(self, req: Request) -> None:
+        """Give every block ``req`` still holds back to its pool."""
+        self._take_chunks(req, 0)
+
+    def _take_chunks(self, req: Request, keep: int) -> list[Chunk]:
+        """The request's first ``keep`` blocks (with their CPU copies) as chunks; the rest are freed."""
+        copies = req.cpu_copies + [None] * (len(req.block_ids) - len(req.cpu_copies))
+        chunks = [Chunk(gpu=b, cpu=c) for b, c in zip(req.block_ids[:keep], copies[:keep])]
+        self.gpu.free(req.block_ids[keep:])
+        dropped = [c for c in copies[keep:] if c is not None]
+        self.cpu.free(dropped)
+        self.request_copies -= sum(1 for c in copies if c is not None)
+        req.block_ids, req.cpu_copies = [], []
+        return chunks
 
     def suspend(self, req: Request) -> None:
         """Take a running request off the GPU for now. Its context becomes its
@@ -275,12 +303,9 @@ class CacheManager:
             req.session = self.sessions[s.key] = s
         s = req.session
         valid = req.num_valid_tokens
-        keep = self._blocks_for(valid)
         s.token_ids = req.token_ids[:valid]
-        s.chunks = [Chunk(gpu=b) for b in req.block_ids[:keep]]
+        s.chunks = self._take_chunks(req, self._blocks_for(valid))
         s.last_active = self.clock()
-        self.gpu.free(req.block_ids[keep:])
-        req.block_ids = []
         req.num_computed_tokens = req.recompute_pos = req.recompute_end = 0
 
     # ------------------------------------------------------------- allocation
@@ -309,12 +334,17 @@ class CacheManager:
         if not self.tiered:
             return self._reclaim_tail(num_blocks)
         freed = 0
-        for s, i in self._candidates(lambda c: c.gpu is not None):
+        drops = self._cpu_drops()
+        # chunks with a CPU copy first (nothing to copy), then the others (each copied now)
+        copied = self._candidates(lambda c: c.gpu is not None, stop=lambda c: c.cpu is None)
+        for s, i in itertools.chain(copied, self._candidates(lambda c: c.gpu is not None)):
             if freed >= num_blocks:
                 break
             c = s.chunks[i]
+            if c.gpu is None:  # taken by the first pass
+                continue
             if c.cpu is None:
-                cpu = self._allocate_cpu()
+                cpu = self._allocate_cpu(drops=drops)
                 if cpu is not None:
                     self._plan.swap_out.append((c.gpu, cpu))
                     self.stats.swap_out_blocks += 1
@@ -346,19 +376,28 @@ class CacheManager:
                 break
         return freed >= num_blocks
 
-    def _allocate_cpu(self) -> int | None:
-        """One CPU block; when the tier is full, drop its lowest-value chunk first."""
+    def _allocate_cpu(self, below: float | None = None, drops=None) -> int | None:
+        """One CPU block; when the tier is full, drop its lowest-value chunk first (only one
+        worth less than ``below``, when given; None if there is none). ``drops``: a
+        ``_cpu_drops()`` iterator shared by the calls of one plan (one scan of the sessions)."""
         if self.cpu.num_blocks == 0:
             return None
         ids = self.cpu.allocate(1)
         if ids is not None:
             return ids[0]
-        for s, i in self._candidates(lambda c: c.cpu is not None):
+        now = self.clock()
+        for s, i in drops if drops is not None else self._cpu_drops():
+            if below is not None and self.policy.value(i * self.block_size, now - s.last_active) >= below:
+                return None
             self._drop_cpu_copy(s, s.chunks[i])
             ids = self.cpu.allocate(1)
             if ids is not None:
                 return ids[0]
         return None
+
+    def _cpu_drops(self):
+        """Chunks with a CPU copy, lowest value first: what a full CPU tier gives up."""
+        return self._candidates(lambda c: c.cpu is not None)
 
     def _drop_cpu_copy(self, s: Session, c: Chunk) -> None:
         self.cpu.free([c.cpu])
@@ -366,9 +405,10 @@ class CacheManager:
         if c.gpu is None:
             self.stats.evicted_tokens["cpu"] += self.block_size
 
-    def _candidates(self, has: Callable[[Chunk], bool]):
+    def _candidates(self, has: Callable[[Chunk], bool], stop: Callable[[Chunk], bool] | None = None):
         """Yield (session, chunk index) in ascending eviction value, each session's
-        leading qualifying chunk first. Values are taken at one instant."""
+        leading qualifying chunk first. Values are taken at one instant. ``stop``: a
+        session's chunks are not yielded from the first qualifying one it holds on."""
         now = self.clock()
         bs = self.block_size
         heap = []
@@ -381,6 +421,8 @@ class CacheManager:
         while heap:
             _, n, i, s, idle = heapq.heappop(heap)
             if i < len(s.chunks) and has(s.chunks[i]):
+                if stop is not None and stop(s.chunks[i]):
+                    continue
                 yield s, i
             j = next((k for k in range(i + 1, len(s.chunks)) if has(s.chunks[k])), None)
             if j is not None:
@@ -419,11 +461,18 @@ class CacheManager:
         if self.gpu.num_free + copied >= target:
             return
         want = min(budget, int(target - self.gpu.num_free - copied) + 1)
+        now = self.clock()
+        drops = self._cpu_drops()
         for s, i in self._candidates(lambda c: c.gpu is not None and c.cpu is None):
-            if want <= 0 or self.cpu.num_free == 0:
+            if want <= 0:
+                break
+            # a full CPU tier makes room by dropping a chunk worth less than this one (as the
+            # eviction would a few steps later, in the step's critical path)
+            cpu = self._allocate_cpu(self.policy.value(i * self.block_size, now - s.last_active), drops)
+            if cpu is None:
                 break
             c = s.chunks[i]
-            c.cpu = self.cpu.allocate(1)[0]
+            c.cpu = cpu
             if not self._plan.ahead_batch:
                 self._plan.ahead_batch = next(self._ahead_batches)
             self._plan.swap_out_ahead.append((c.gpu, c.cpu))

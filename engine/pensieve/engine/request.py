@@ -96,6 +96,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
+    # CPU-tier copies of leading blocks, aligned with block_ids (None: no copy). A copy is kept only
+    # for a block whose tokens the request cannot change (a full block of the context it was
+    # admitted with), so that the session's next eviction of that chunk needs no copy.
+    cpu_copies: list[int | None] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the session's cache at admission (GPU or CPU)
     # Where the prompt's KV came from at admission: gpu, cpu (cached), recomputed, new (sums to the

@@ -311,7 +311,14 @@ class ModelRunner:
             if has_swaps:
                 self.swapper.finish_without_compute()
             return None
-        graph_batch = self._graph_batch(out, blocking, all_logits)
+        # A decode step whose only in-step copies are swap-outs (a decode needed a block and an
+        # idle chunk without a CPU copy gave it up) waits for all of them up front and replays
+        # its graph: a few blocks' copy costs less than an eager step. Swap-ins come with a
+        # prefill, which runs eagerly anyway, and their layers wait one by one.
+        graph_batch = self._graph_batch(out, bool(swaps.swap_in), all_logits)
+        if graph_batch is not None and swaps.swap_out:
+            self.swapper.wait_all()
+            blocking = False
         # for pensieve_engine_steps_total: a decode step that runs eagerly only because its layers
         # wait for in-step copies is counted apart
         self.last_path = "graph" if graph_batch is not None else (

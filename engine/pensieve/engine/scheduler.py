@@ -210,8 +210,7 @@ class Scheduler:
             self.cache.suspend(req)
             req.suspended = True
         else:  # recompute-style: free everything, start over later
-            self.cache.gpu.free(req.block_ids)
-            req.block_ids = []
+            self.cache.free_request(req)
             req.num_computed_tokens = req.recompute_pos = req.recompute_end = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

@@ -146,10 +146,12 @@ class Swapper:
         # A swap-in's source CPU block is freed after this step; its next use is a
         # swap-out on this same stream, which runs after the read: no host wait.
 
+    def wait_all(self) -> None:
+        """Compute waits for every in-step copy of this step before its first layer."""
+        self.wait_for_layer(len(self.gpu) - 1)  # the copy stream runs the layers in order
+
     def finish_without_compute(self) -> None:
-        if self.cuda:
-            for layer in range(len(self.gpu)):
-                torch.cuda.current_stream().wait_event(self.events[layer])
+        self.wait_all()
         self.after_forward()
 
     def _id_tensors(self, pairs: list[tuple[int, int]]):
