@@ -15,7 +15,9 @@ unset TRITON_INTERPRET
 #   STEPS="tensor_parallel_tests tensor_parallel" bash bench/gpu_session.sh    (one device call, < 10 min)
 #   STEPS="tensor_parallel_70b" bash bench/gpu_session.sh                      (a second call)
 # The multi-turn sweep (issue 12; bench/results/h200/MULTITURN_PLAN.md), one step per device call, in order:
-#   sweep_sharegpt_a (pensieve, gpu-only), sweep_sharegpt_b (none), sweep_long_a (pensieve), sweep_long_b (the others)
+#   sweep_sharegpt_a (pensieve, gpu-only), sweep_sharegpt_b (none) with sweep_sharegpt_ideal (the bound on any
+#   cache), sweep_long_a (pensieve), sweep_long_b (the others). Each sweep step also keeps its servers'
+#   step-statistics log lines (steplog.txt).
 STEPS="${STEPS:-kernel_tests engine_gpu_tests server_gpu_tests speed_engine speed_hf speed_http kernels_bench swap_overlap tier_invariant tier_invariant_fp32 profile_step}"
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
@@ -61,13 +63,21 @@ step tensor_parallel_70b "${TPC_LIMIT:-540}" python3 bench/tensor_parallel.py pa
 # ShareGPT at 2-12 sessions/s (40 s per point) and the long variant at 0.5-2 (45 s per point); sized at the top
 # rate. Think times of 6 s (30 s x 0.2) let most sessions play most of their turns within a point; the sweeps
 # before 2026-11-29 13:00 (think 15 s, 35 s points) sent only a third of the planned turns, most of them first turns.
-SHAREGPT_SWEEP="--variant sharegpt --rates 2 4 6 8 12 --sizing-rate 12 --window 15 --drain 25 --time-scale 0.2 --tpot 0.01"
+SHAREGPT_SWEEP="--variant sharegpt --rates 2 4 8 12 16 --sizing-rate 12 --window 15 --drain 25 --time-scale 0.2 --tpot 0.01"
 LONG_SWEEP="--variant long --rates 0.5 1 2 --sizing-rate 2 --window 15 --drain 30 --tpot 0.012"
 step sweep_sharegpt_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes pensieve,gpu-only \
     --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-a.json"
 step sweep_sharegpt_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes none \
     --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-b.json"
+# The bound on any cache: gpu-only with a GPU tier that holds every conversation (nothing is ever recomputed
+# or copied), on the same workload; not a mode of its own, so its part is kept apart from the merge.
+step sweep_sharegpt_ideal "${SWI_LIMIT:-200}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --rates 2 12 16 \
+    --modes gpu-only --server-extra "--num-gpu-blocks 8000" --log-dir /tmp/sweep-logs-ideal --out "$OUT/sharegpt-ideal.json"
 step sweep_long_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes pensieve \
     --log-dir /tmp/sweep-logs --out "$OUT/long-a.json"
 step sweep_long_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes gpu-only,none \
     --log-dir /tmp/sweep-logs --out "$OUT/long-b.json"
+# the servers' step-statistics lines (engine_loop.StepLog) of this call's sweep steps
+find /tmp/sweep-logs /tmp/sweep-logs-ideal -name 'server-*.log' -newer "$LOGS" 2>/dev/null | sort | while read -r f; do
+    { echo "--- $f"; grep -E "steps: |engine ready|Traceback" "$f"; } >>"$OUT/steplog.txt"
+done
