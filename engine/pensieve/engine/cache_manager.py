@@ -57,6 +57,29 @@ def stored_context_len(history: list[int], prompt: list[int]) -> int:
     return max(0, min(common_prefix_len(history, prompt), len(history) - 1))
 
 
+# What a scan of a session's chunks looks for. The scans run every step under pressure, over
+# every session: plain loops on the two fields, no predicate calls.
+ON_GPU, WITH_CPU, UNCOPIED = "gpu", "cpu", "uncopied"
+
+
+def _next_chunk(chunks: list[Chunk], kind: str, start: int) -> int | None:
+    """Index of the first chunk of ``kind`` at or after ``start``, None if there is none."""
+    if kind == ON_GPU:
+        for k in range(start, len(chunks)):
+            if chunks[k].gpu is not None:
+                return k
+    elif kind == WITH_CPU:
+        for k in range(start, len(chunks)):
+            if chunks[k].cpu is not None:
+                return k
+    else:
+        for k in range(start, len(chunks)):
+            c = chunks[k]
+            if c.gpu is not None and c.cpu is None:
+                return k
+    return None
+
+
 # ----------------------------------------------------------------- policies
 
 class EvictionPolicy:
@@ -145,6 +168,7 @@ class CacheManager:
         self._ahead_batches = itertools.count(1)
         self._cpu_free_after_step: list[int] = []
         self.request_copies = 0  # CPU blocks held by running requests (Request.cpu_copies)
+        self._order = None  # this step's eviction order (_reclaim_order)
 
     # ------------------------------------------------------------- sessions
     # Sessions are keyed by SessionKey(owner, id): the same id under two API keys names two sessions.
@@ -278,6 +302,7 @@ class CacheManager:
                 s.chunks, s.token_ids = [], []
                 self.sessions.pop(s.key, None)
         self.free_request(req)
+        self._order = None
 
     def free_request(self, req: Request) -> None:
         """Give every block ``req`` still holds back to its pool."""
@@ -306,6 +331,7 @@ class CacheManager:
         s.token_ids = req.token_ids[:valid]
         s.chunks = self._take_chunks(req, self._blocks_for(valid))
         s.last_active = self.clock()
+        self._order = None  # they are candidates from now on
         req.num_computed_tokens = req.recompute_pos = req.recompute_end = 0
 
     # ------------------------------------------------------------- allocation
@@ -326,6 +352,17 @@ class CacheManager:
             ids = self.gpu.allocate(n)
         return ids
 
+    def _reclaim_order(self):
+        """This step's eviction order (GPU chunks that have a CPU copy first: nothing to copy;
+        then the others, each copied within the step) and the CPU tier's drop order, both
+        in ascending value. Made once per step and shared by its reclaims: one scan of the
+        sessions, not one per block a decode needs. ``take_plan`` (the step's end) and any
+        change that adds chunks to sessions start a new one."""
+        if self._order is None:
+            copied = self._candidates(ON_GPU, stop_uncopied=True)
+            self._order = (itertools.chain(copied, self._candidates(ON_GPU)), self._cpu_drops())
+        return self._order
+
     def reclaimable_blocks(self) -> int:
         return sum(1 for s in self.sessions.values() for c in s.chunks if c.gpu is not None)
 
@@ -334,11 +371,10 @@ class CacheManager:
         if not self.tiered:
             return self._reclaim_tail(num_blocks)
         freed = 0
-        drops = self._cpu_drops()
-        # chunks with a CPU copy first (nothing to copy), then the others (each copied now)
-        copied = self._candidates(lambda c: c.gpu is not None, stop=lambda c: c.cpu is None)
-        for s, i in itertools.chain(copied, self._candidates(lambda c: c.gpu is not None)):
-            if freed >= num_blocks:
+        order, drops = self._reclaim_order()
+        while freed < num_blocks:
+            s, i = next(order, (None, 0))
+            if s is None:
                 break
             c = s.chunks[i]
             if c.gpu is None:  # taken by the first pass
@@ -397,7 +433,7 @@ class CacheManager:
 
     def _cpu_drops(self):
         """Chunks with a CPU copy, lowest value first: what a full CPU tier gives up."""
-        return self._candidates(lambda c: c.cpu is not None)
+        return self._candidates(WITH_CPU)
 
     def _drop_cpu_copy(self, s: Session, c: Chunk) -> None:
         self.cpu.free([c.cpu])
@@ -405,26 +441,27 @@ class CacheManager:
         if c.gpu is None:
             self.stats.evicted_tokens["cpu"] += self.block_size
 
-    def _candidates(self, has: Callable[[Chunk], bool], stop: Callable[[Chunk], bool] | None = None):
-        """Yield (session, chunk index) in ascending eviction value, each session's
-        leading qualifying chunk first. Values are taken at one instant. ``stop``: a
-        session's chunks are not yielded from the first qualifying one it holds on."""
+    def _candidates(self, kind: str, stop_uncopied: bool = False):
+        """Yield (session, chunk index) of the chunks of ``kind`` (ON_GPU, WITH_CPU, UNCOPIED)
+        in ascending eviction value, each session's leading one first. Values are taken at
+        one instant. ``stop_uncopied``: a session's chunks are not yielded from its first
+        one without a CPU copy on."""
         now = self.clock()
         bs = self.block_size
         heap = []
         for n, s in enumerate(self.sessions.values()):
-            i = next((k for k, c in enumerate(s.chunks) if has(c)), None)
+            i = _next_chunk(s.chunks, kind, 0)
             if i is not None:
                 idle = now - s.last_active
                 heap.append((self.policy.value(i * bs, idle), n, i, s, idle))
         heapq.heapify(heap)
         while heap:
             _, n, i, s, idle = heapq.heappop(heap)
-            if i < len(s.chunks) and has(s.chunks[i]):
-                if stop is not None and stop(s.chunks[i]):
+            if i < len(s.chunks) and _next_chunk(s.chunks, kind, i) == i:
+                if stop_uncopied and s.chunks[i].cpu is None:
                     continue
                 yield s, i
-            j = next((k for k in range(i + 1, len(s.chunks)) if has(s.chunks[k])), None)
+            j = _next_chunk(s.chunks, kind, i + 1)
             if j is not None:
                 heapq.heappush(heap, (self.policy.value(j * bs, idle), n, j, s, idle))
 
@@ -463,7 +500,7 @@ class CacheManager:
         want = min(budget, int(target - self.gpu.num_free - copied) + 1)
         now = self.clock()
         drops = self._cpu_drops()
-        for s, i in self._candidates(lambda c: c.gpu is not None and c.cpu is None):
+        for s, i in self._candidates(UNCOPIED):
             if want <= 0:
                 break
             # a full CPU tier makes room by dropping a chunk worth less than this one (as the
@@ -485,6 +522,7 @@ class CacheManager:
         self.copying = {g: b for g, b in self.copying.items() if b > batch}
 
     def take_plan(self) -> SwapPlan:
+        self._order = None
         plan, self._plan = self._plan, SwapPlan()
         self.stats.swap_out_in_step_blocks += len(plan.swap_out)
         return plan
