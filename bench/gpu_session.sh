@@ -65,7 +65,7 @@ step tensor_parallel_70b "${TPC_LIMIT:-540}" python3 bench/tensor_parallel.py pa
 # before 2026-11-29 13:00 (think 15 s, 35 s points) sent only a third of the planned turns, most of them first turns.
 SHAREGPT_SWEEP="--variant sharegpt --rates 2 4 8 12 16 --sizing-rate 12 --window 15 --drain 25 --time-scale 0.2 --tpot 0.01"
 LONG_SWEEP="--variant long --rates 0.5 1 2 --sizing-rate 2 --window 15 --drain 30 --tpot 0.012"
-step sweep_sharegpt_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes pensieve,gpu-only \
+step sweep_sharegpt_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes "${SWA_MODES:-pensieve,gpu-only}" \
     --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-a.json"
 step sweep_sharegpt_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes none \
     --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-b.json"
