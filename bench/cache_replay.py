@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     results = []
     for rate in args.rates:
         for mode in args.modes.split(","):
-            r = replay(mode, rate, v, sizing, args.seed + int(1000 * rate), args.token_factor)
+            r = replay(mode, rate, v, sizing, ms.point_seed(args.seed, rate), args.token_factor)
             results.append(r)
             c = r["counts"]
             print(f"{mode:9s} {rate:5.1f}/s: {r['turns_done']} turns, {c['steps']} steps; in-step swap-outs "

@@ -12,7 +12,7 @@ sessions it made are deleted, so a point starts with empty tiers.
 
 Workload per point (bench/multiturn.py's replay): sessions arrive as a Poisson
 process at the point's rate for ``window`` seconds; turns, tokens and think
-times follow the variant's dataset shape; the same seed per rate gives every
+times follow the variant's dataset shape; the same seed per rate (``point_seed``) gives every
 mode the same sessions. A point ends when its sessions are done or at
 ``window + drain`` seconds, whichever comes first; turns still running then
 are cut (counted, not measured).
@@ -370,11 +370,11 @@ def run_part(args) -> dict:
         entry["modes"][mode] = {"server_args": sargs, "startup_s": time.monotonic() - t_start, "points": points}
         try:
             asyncio.run(_warm_up(url, v))
-            for i, rate in enumerate(rates):
-                seed = args.seed + 1000 * (1 + v.rates.index(rate) if rate in v.rates else 100 + i)
+            for rate in rates:
+                seed = point_seed(args.seed, rate)
                 t0 = time.monotonic()
                 pt = asyncio.run(run_point(url, "bench-model", v, rate, seed))
-                pt["wall_s"] = time.monotonic() - t0
+                pt["wall_s"], pt["seed"] = time.monotonic() - t0, seed
                 points.append(pt)
                 print(f"[{mode} {rate}/s] {_one_line(pt)}", flush=True)
                 harness.write_result(out, args.out, echo=False)
@@ -383,6 +383,13 @@ def run_part(args) -> dict:
         entry["modes"][mode]["server_exit"] = rc
         harness.write_result(out, args.out, echo=False)
     return out
+
+
+def point_seed(base: int, rate: float) -> int:
+    """The workload seed of a point: a function of the rate alone, so that every mode, every part and
+    every run that asks for a rate replays the same sessions (an A/B at one rate and a sweep's point
+    at that rate included)."""
+    return base + round(1000 * rate)
 
 
 async def _warm_up(url: str, v: Variant) -> None:

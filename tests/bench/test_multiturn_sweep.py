@@ -95,6 +95,14 @@ def test_merge_parts_keys_points_and_computes_capacities():
 
 
 @pytest.mark.slow
+def test_point_seed_depends_on_the_rate_only():
+    """An A/B at one rate and a sweep's point at that rate replay the same sessions (the seed
+    used to depend on the rate's place in --rates)."""
+    assert sw.point_seed(0, 12.0) == sw.point_seed(0, 12) == 12_000
+    assert sw.point_seed(0, 0.5) == 500 and sw.point_seed(7, 2.0) == 2007
+    assert len({sw.point_seed(0, r) for r in (0.25, 0.5, 1, 1.5, 2, 4, 8, 12, 16)}) == 9
+
+
 def test_smoke_sweep_end_to_end(tmp_path):
     run = [sys.executable, str(ROOT / "bench" / "multiturn_sweep.py")]
     part = tmp_path / "part.json"
@@ -110,6 +118,7 @@ def test_smoke_sweep_end_to_end(tmp_path):
         assert [p["rate"] for p in m["points"]] == [2.0, 4.0, 8.0]
         assert "capacity_at_slo" in m and m["capacity_at_slo"]["rate"] >= 0
         for p in m["points"]:
+            assert p["seed"] == sw.point_seed(0, p["rate"])  # the rate's sessions, whatever else ran
             assert p["turns_ok"] > 0 and p["output_tokens_per_s"] > 0
             assert 0 < p["ttft_s"]["p50"] <= p["ttft_s"]["p90"] <= p["ttft_s"]["p99"]
             assert set(p["normalized_latency_s_per_token"]) >= {"p50", "p90", "p99"}
