@@ -2,7 +2,7 @@
 # A/B of engine variants on one sweep point, in one device call (issue 12's diagnosis):
 #   AB="old=.carry/ab/v0/engine new=engine" AB_MODES=pensieve AB_RATES=12 bash bench/ab_sweep.sh
 # Each NAME=DIR runs bench/multiturn_sweep.py with DIR first on PYTHONPATH (an engine tree, e.g. an older
-# commit's `git archive <commit> engine` unpacked under .carry/), the ShareGPT sweep's sizing and flags,
+# commit's `git archive <commit> engine` unpacked under .carry/), the ShareGPT variant's timing and sizing,
 # plus AB_EXTRA_<NAME> serve flags and AB_MODES_<NAME> cache modes if set. Writes $OUT/ab-NAME.json and the servers' step-statistics
 # lines (engine_loop.StepLog) to $OUT/ab-steplog.txt.
 set -uo pipefail
@@ -10,7 +10,7 @@ OUT="${OUT:-/tmp/pensieve-out}"
 mkdir -p "$OUT"
 ROOT="$PWD"
 BASE="$ROOT/kernels:$ROOT/common:$ROOT/router:$ROOT/operator"
-SWEEP="--variant sharegpt --sizing-rate 12 --window 15 --drain 25 --time-scale 0.2 --tpot 0.01"
+SWEEP="--variant sharegpt"
 for pair in ${AB:-new=engine}; do
     name=${pair%%=*}; dir=${pair#*=}
     extra_var="AB_EXTRA_${name//-/_}"; extra="${!extra_var:-}"

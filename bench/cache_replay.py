@@ -141,23 +141,18 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", choices=["sharegpt", "ultrachat"], default="sharegpt")
     ap.add_argument("--modes", default="pensieve,gpu-only,none")
     ap.add_argument("--rates", type=float, nargs="*", default=[8.0, 12.0, 16.0])
-    # the H200 sweep's settings (bench/gpu_session.sh's SHAREGPT_SWEEP) and its measured token factor
-    ap.add_argument("--sizing-rate", type=float, default=12.0)
-    ap.add_argument("--window", type=float, default=15.0)
-    ap.add_argument("--drain", type=float, default=25.0)
-    ap.add_argument("--time-scale", type=float, default=0.2)
-    ap.add_argument("--tpot", type=float, default=0.01)
+    # the variant's timing and sizing are the sweep's; the token factor is the one the H200 run measured
     ap.add_argument("--token-factor", type=float, default=1.3751, help="server tokens per planned token")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results as JSON")
     args = ap.parse_args(argv)
-    v = dataclasses.replace(ms.VARIANTS[args.variant], window=args.window, drain=args.drain,
-                            time_scale=args.time_scale, tpot=args.tpot)
-    ref = mt.make_workload(ms.workload_args(v, args.sizing_rate, args.seed))
-    sizing = ms.tier_sizes(ref, args.sizing_rate, v.tpot, 32, v.window / 2, v.window + v.drain,
+    v = ms.VARIANTS[args.variant]
+    sizing_rate = v.sizing_rate or max(v.rates)
+    ref = mt.make_workload(ms.workload_args(v, sizing_rate, args.seed))
+    sizing = ms.tier_sizes(ref, sizing_rate, v.tpot, 32, v.window / 2, v.window + v.drain,
                            token_factor=args.token_factor)
     print(f"tiers: {sizing.num_gpu_blocks} GPU blocks, {sizing.num_cpu_blocks} CPU blocks (sized at "
-          f"{args.sizing_rate}/s)", flush=True)
+          f"{sizing_rate}/s)", flush=True)
     results = []
     for rate in args.rates:
         for mode in args.modes.split(","):

@@ -63,8 +63,9 @@ step tensor_parallel_70b "${TPC_LIMIT:-540}" python3 bench/tensor_parallel.py pa
 # ShareGPT at 2-12 sessions/s (40 s per point) and the long variant at 0.5-2 (45 s per point); sized at the top
 # rate. Think times of 6 s (30 s x 0.2) let most sessions play most of their turns within a point; the sweeps
 # before 2026-11-29 13:00 (think 15 s, 35 s points) sent only a third of the planned turns, most of them first turns.
-SHAREGPT_SWEEP="--variant sharegpt --rates 2 4 8 12 16 --sizing-rate 12 --window 15 --drain 25 --time-scale 0.2 --tpot 0.01"
-LONG_SWEEP="--variant long --rates 0.5 1 2 --sizing-rate 2 --window 15 --drain 30 --tpot 0.012"
+# (the variants' timing and sizing are bench/multiturn_sweep.py's VARIANTS; these pick rates that fit the calls)
+SHAREGPT_SWEEP="--variant sharegpt --rates 2 4 8 12 16"
+LONG_SWEEP="--variant long --rates 0.5 1 2"
 step sweep_sharegpt_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes "${SWA_MODES:-pensieve,gpu-only}" \
     --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-a.json"
 step sweep_sharegpt_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes none \

@@ -377,8 +377,6 @@ class CacheManager:
             if s is None:
                 break
             c = s.chunks[i]
-            if c.gpu is None:  # taken by the first pass
-                continue
             if c.cpu is None:
                 cpu = self._allocate_cpu(drops=drops)
                 if cpu is not None:

@@ -280,9 +280,9 @@ class ModelRunner:
         (polls events; never waits)."""
         return 0 if self.swapper is None else self.swapper.completed_batch()
 
-    def _graph_batch(self, out: SchedulerOutput, blocking_swaps: bool, all_logits: bool) -> int | None:
-        """The padded batch size of a decode graph that can run this step, if any."""
-        if self.graphs is None or blocking_swaps or all_logits or not out.chunks:
+    def _graph_batch(self, out: SchedulerOutput, all_logits: bool) -> int | None:
+        """The padded batch size of a decode graph that could run this step (copies aside), if any."""
+        if self.graphs is None or all_logits or not out.chunks:
             return None
         if not all(c.num_tokens == 1 and not c.recompute and c.samples for c in out.chunks):
             return None
@@ -313,16 +313,17 @@ class ModelRunner:
             return None
         # A decode step whose only in-step copies are swap-outs (a decode needed a block and an
         # idle chunk without a CPU copy gave it up) waits for all of them up front and replays
-        # its graph: a few blocks' copy costs less than an eager step. Swap-ins come with a
-        # prefill, which runs eagerly anyway, and their layers wait one by one.
-        graph_batch = self._graph_batch(out, bool(swaps.swap_in), all_logits)
+        # its graph: a few blocks' copy costs less than an eager step. A step with swap-ins runs
+        # eagerly, its layers waiting one by one (it admits a request, mostly with a prefill).
+        decode_graph = self._graph_batch(out, all_logits)
+        graph_batch = None if swaps.swap_in else decode_graph
         if graph_batch is not None and swaps.swap_out:
             self.swapper.wait_all()
             blocking = False
         # for pensieve_engine_steps_total: a decode step that runs eagerly only because its layers
-        # wait for in-step copies is counted apart
+        # wait for swap-ins is counted apart
         self.last_path = "graph" if graph_batch is not None else (
-            "eager_for_copies" if blocking and self._graph_batch(out, False, all_logits) is not None else "eager")
+            "eager_for_copies" if decode_graph is not None else "eager")
         if graph_batch is not None:
             inputs = build_step_inputs(out, self.block_size, pad_to=graph_batch, width=self.graphs.width)
             logits = self.graphs.run(inputs, prev_tokens)[:len(out.chunks)]
