@@ -54,31 +54,35 @@ step tier_invariant_fp32 "${TF_LIMIT:-100}" python3 bench/tier_invariant.py --sh
     --out "$OUT/tier_invariant_fp32.json"
 step profile_step "${PS_LIMIT:-70}" python3 bench/profile_step.py --shape llama3-8b --history 4096 --new 200 --decodes 256
 step sweep_check "${SWEEP_LIMIT:-480}" bash bench/sweep_check.sh
+# (the CPU tests of tests/engine/test_tensor_parallel.py run in CI)
 step tensor_parallel_tests "${TPT_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/engine/test_tensor_parallel_gpu.py tests/engine/test_tensor_parallel.py
+    tests/engine/test_tensor_parallel_gpu.py
+step tp_collectives "${TCL_LIMIT:-90}" env NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT python3 bench/tp_collectives.py \
+    --size "${TP_SIZE:-2}" --out "$OUT/tp_collectives.json"
 step tensor_parallel "${TPB_LIMIT:-420}" python3 bench/tensor_parallel.py all --sizes 1 "${TP_SIZE:-2}" \
-    --out "$OUT/tensor_parallel.json"
+    ${TP_PROFILE:+--profile} --out "$OUT/tensor_parallel.json"
 step tensor_parallel_70b "${TPC_LIMIT:-540}" python3 bench/tensor_parallel.py part --tp "${TP_SIZE:-2}" \
     --shape llama2-70b --out "$OUT/tensor_parallel_70b.json"
 # ShareGPT at 2-12 sessions/s (40 s per point) and the long variant at 0.5-2 (45 s per point); sized at the top
 # rate. Think times of 6 s (30 s x 0.2) let most sessions play most of their turns within a point; the sweeps
 # before 2026-11-29 13:00 (think 15 s, 35 s points) sent only a third of the planned turns, most of them first turns.
 # (the variants' timing and sizing are bench/multiturn_sweep.py's VARIANTS; these pick rates that fit the calls)
-SHAREGPT_SWEEP="--variant sharegpt --rates 2 4 8 12 16"
-LONG_SWEEP="--variant long --rates 0.5 1 2"
+SHAREGPT_SWEEP="${SHAREGPT_SWEEP:---variant sharegpt --rates 2 4 8 12 16}"
+LONG_SWEEP="${LONG_SWEEP:---variant long --rates 0.5 1 2}"
+SWEEP_LOGS="${SWEEP_LOGS:-/tmp/sweep-logs}"  # (two sweeps at once, one per GPU, need two)
 step sweep_sharegpt_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes "${SWA_MODES:-pensieve,gpu-only}" \
-    --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-a.json"
+    --log-dir $SWEEP_LOGS --out "$OUT/sharegpt-a.json"
 step sweep_sharegpt_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --modes none \
-    --log-dir /tmp/sweep-logs --out "$OUT/sharegpt-b.json"
+    --log-dir $SWEEP_LOGS --out "$OUT/sharegpt-b.json"
 # The bound on any cache: gpu-only with a GPU tier that holds every conversation (nothing is ever recomputed
 # or copied), on the same workload; not a mode of its own, so its part is kept apart from the merge.
 step sweep_sharegpt_ideal "${SWI_LIMIT:-200}" python3 bench/multiturn_sweep.py run $SHAREGPT_SWEEP --rates 2 12 16 \
-    --modes gpu-only --server-extra "--num-gpu-blocks 8000" --log-dir /tmp/sweep-logs-ideal --out "$OUT/sharegpt-ideal.json"
+    --modes gpu-only --server-extra "--num-gpu-blocks 8000" --log-dir $SWEEP_LOGS-ideal --out "$OUT/sharegpt-ideal.json"
 step sweep_long_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes pensieve \
-    --log-dir /tmp/sweep-logs --out "$OUT/long-a.json"
+    --log-dir $SWEEP_LOGS --out "$OUT/long-a.json"
 step sweep_long_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes gpu-only,none \
-    --log-dir /tmp/sweep-logs --out "$OUT/long-b.json"
+    --log-dir $SWEEP_LOGS --out "$OUT/long-b.json"
 # the servers' step-statistics lines (engine_loop.StepLog) of this call's sweep steps
-find /tmp/sweep-logs /tmp/sweep-logs-ideal -name 'server-*.log' -newer "$LOGS" 2>/dev/null | sort | while read -r f; do
+find "$SWEEP_LOGS" "$SWEEP_LOGS-ideal" -name 'server-*.log' -newer "$LOGS" 2>/dev/null | sort | while read -r f; do
     { echo "--- $f"; grep -E "steps: |engine ready|Traceback" "$f"; } >>"$OUT/steplog.txt"
 done

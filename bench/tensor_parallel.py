@@ -15,15 +15,20 @@ a shard is a slice of the size-1 tensor), then
   L2 error of the logits, and how many greedy tokens agree before the first
   difference);
 * throughput: 64 requests x (1240 prompt + 200 output tokens) at once, as
-  bench/engine_speed.py's first batch (cache mode none, 4096-token steps).
+  bench/engine_speed.py's first batch (cache mode none, 4096-token steps);
+  before it, a batch of prefills alone and one of decodes alone, each timed
+  (ms a step), and with ``--profile`` rank 0's host profile of each.
 
-At sizes above 1 the engine runs without CUDA graphs (see docs/design.md), so
-the size-1 figure is also given without them (``--same-settings``, on by
-default) for a like-for-like ratio.
+``--same-settings`` also runs size 1 without CUDA graphs; ``--fp32-parity`` (on
+by default) also runs every size in float32 for parity only, which tells a
+sharding error (float32 sizes disagree) from bf16's own rounding (bf16 at size 1
+is as far from float32 as bf16 at size N).
 """
 from __future__ import annotations
 
+import cProfile
 import json
+import pstats
 import random
 import subprocess
 import sys
@@ -48,6 +53,8 @@ def part(args) -> dict:
     model = shape_checkpoint(args.shape, args.workdir)
     device = "cpu" if args.smoke else "cuda"
     extra = dict(dtype="float32", num_gpu_blocks=256) if args.smoke else {}
+    if args.fp32:
+        extra.update(dtype="float32")
     if args.eager:
         extra.update(cuda_graphs=False)
     t0 = time.perf_counter()
@@ -69,7 +76,29 @@ def part(args) -> dict:
                                                           ignore_eos=True, detokenize=False))[0]
         if args.logits:
             torch.save({"logits": logits[-PARITY_ROWS:].float().cpu(), "greedy": greedy}, args.logits)
+        if args.parity_only:
+            return dict(shape=args.shape, tensor_parallel_size=args.tp, eager=args.eager, fp32=args.fp32,
+                        startup_seconds=startup, gpu_blocks=engine.num_gpu_blocks)
         n, p, o = SMOKE_BATCH if args.smoke else BATCH
+        # where a step's time goes: a batch of prefills alone (one output token each), and one
+        # of decodes (short prompts), each timed apart before the whole batch
+        phases = {}
+        for phase, (pn, pp, po) in {"prefill": (n, p, 1), "decode": (n, 16, o)}.items():
+            probe = [[rng.randrange(vocab) for _ in range(pp)] for _ in range(pn)]
+            prof = cProfile.Profile() if args.profile else None
+            t0 = time.perf_counter()
+            if prof:
+                prof.enable()
+            steps = _run_counting_steps(engine, probe, SamplingParams(max_tokens=po, temperature=0.0,
+                                                                      ignore_eos=True, detokenize=False))
+            seconds = time.perf_counter() - t0
+            if prof:  # rank 0's host time by function: where a step waits
+                prof.disable()
+                print(f"tp {args.tp}: {phase} phase, rank 0's host time", flush=True)
+                pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(14)
+            phases[phase] = dict(requests=pn, prompt_len=pp, output_len=po, seconds=seconds, steps=steps,
+                                 ms_per_step=1e3 * seconds / max(steps, 1))
+        print(f"tp {args.tp}: phases {json.dumps(phases)}", flush=True)
         prompts = [[rng.randrange(vocab) for _ in range(p)] for _ in range(n)]
         params = SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True, detokenize=False)
         t0 = time.perf_counter()
@@ -79,11 +108,22 @@ def part(args) -> dict:
         result = dict(shape=args.shape, tensor_parallel_size=args.tp, eager=args.eager, startup_seconds=startup,
                       gpu_blocks=engine.num_gpu_blocks, batch=dict(requests=n, prompt_len=p, output_len=o),
                       seconds=seconds, output_tokens_per_s=n * o / seconds, cuda_graphs=engine.runner.graphs is not None,
-                      async_scheduling=engine.async_scheduling)
+                      async_scheduling=engine.async_scheduling, phases=phases)
         print(json.dumps(result), flush=True)
         return result
     finally:
         engine.close()
+
+
+def _run_counting_steps(engine, prompts, params) -> int:
+    """Run ``prompts`` to completion; returns how many engine steps it took."""
+    for p in prompts:
+        engine.add_request(p, params)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    return steps
 
 
 def run_all(args) -> dict:
@@ -98,15 +138,21 @@ def run_all(args) -> dict:
         plan.insert(args.sizes.index(1) + 1, (args.shape, 1, True))
     if args.big_shape:
         plan.append((args.big_shape, args.big_tp, False))
-    for shape, size, eager in plan:
+    plan = [(shape, size, eager, False) for shape, size, eager in plan]
+    if args.fp32_parity and not args.smoke:
+        # float32 at every size: sharding errors show there; bf16's own noise is tp1 bf16 against tp1 float32
+        plan += [(args.shape, size, False, True) for size in args.sizes]
+    for shape, size, eager, fp32 in plan:
         if not args.smoke and size > gpus:
             skipped.append(f"{shape} at size {size}: {gpus} CUDA device(s)")
             continue
-        tag = f"{shape}-tp{size}{'-eager' if eager else ''}"
+        tag = f"{shape}-tp{size}{'-eager' if eager else ''}{'-fp32' if fp32 else ''}"
         cmd = [sys.executable, __file__, "part", "--tp", str(size), "--shape", shape, "--workdir", args.workdir,
                "--out", str(work / f"{tag}.json"), "--logits", str(work / f"{tag}.pt")]
         cmd += ["--smoke"] if args.smoke else []
         cmd += ["--eager"] if eager else []
+        cmd += ["--fp32", "--parity-only", "--eager"] if fp32 else []  # (no graphs to capture: a faster start)
+        cmd += ["--profile"] if args.profile else []
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, timeout=args.part_timeout).returncode
@@ -115,26 +161,35 @@ def run_all(args) -> dict:
             part_result = json.loads((work / f"{tag}.json").read_text())
             entry.update({k: v for k, v in part_result.items() if k not in ("command", "machine")})
         runs.append(entry)
+    runs = [r for r in runs if not r.get("fp32")]  # parity-only parts: in "parity", not in the table
     return dict(runs=runs, skipped=skipped, parity=_parity(work, args.shape, args.sizes), speedup=_speedup(runs))
 
 
 def _parity(work: Path, shape: str, sizes: list[int]) -> list[dict]:
+    """Each size against size 1 in bf16; where the float32 parts ran, each size's float32 logits
+    against size 1's (sharding errors), and bf16 against float32 at each size (bf16's own noise)."""
     import torch
 
-    ref_path = work / f"{shape}-tp1.pt"
-    if not ref_path.is_file():
-        return []
-    ref = torch.load(ref_path)
+    def load(tag):
+        path = work / f"{shape}-{tag}.pt"
+        return torch.load(path) if path.is_file() else None
+
+    def compare(a, b, what, size):
+        rel = float((b["logits"] - a["logits"]).norm() / a["logits"].norm())
+        agree = next((i for i, (x, y) in enumerate(zip(a["greedy"], b["greedy"])) if x != y), len(a["greedy"]))
+        return dict(shape=shape, tensor_parallel_size=size, what=what, logits_rel_l2=rel,
+                    greedy_tokens_agreeing=agree, greedy_tokens=len(a["greedy"]))
+
     out = []
+    ref, ref32 = load("tp1"), load("tp1-fp32")
     for size in sizes:
-        path = work / f"{shape}-tp{size}.pt"
-        if size == 1 or not path.is_file():
-            continue
-        other = torch.load(path)
-        rel = float((other["logits"] - ref["logits"]).norm() / ref["logits"].norm())
-        agree = next((i for i, (a, b) in enumerate(zip(ref["greedy"], other["greedy"])) if a != b), len(ref["greedy"]))
-        out.append(dict(shape=shape, tensor_parallel_size=size, logits_rel_l2=rel, greedy_tokens_agreeing=agree,
-                        greedy_tokens=len(ref["greedy"])))
+        bf, f32 = load(f"tp{size}"), load(f"tp{size}-fp32")
+        if size != 1 and ref is not None and bf is not None:
+            out.append(compare(ref, bf, "bf16 vs tp1 bf16", size))
+        if size != 1 and ref32 is not None and f32 is not None:
+            out.append(compare(ref32, f32, "float32 vs tp1 float32", size))
+        if ref32 is not None and bf is not None:
+            out.append(compare(ref32, bf, "bf16 vs tp1 float32", size))
     return out
 
 
@@ -163,7 +218,7 @@ def table(result: dict) -> str:
                      f"{r['output_tokens_per_s']:.0f} | {r['gpu_blocks']} |")
     lines += [""] + [f"- speedup at size {s['tensor_parallel_size']} ({s['shape']}) vs {s['against']}: "
                      f"{s['speedup']:.2f}x" for s in result["speedup"]]
-    lines += [f"- parity at size {p['tensor_parallel_size']}: logits relative L2 {p['logits_rel_l2']:.2e}, "
+    lines += [f"- parity at size {p['tensor_parallel_size']} ({p['what']}): logits relative L2 {p['logits_rel_l2']:.2e}, "
               f"{p['greedy_tokens_agreeing']}/{p['greedy_tokens']} greedy tokens agree" for p in result["parity"]]
     lines += [f"- skipped: {s}" for s in result["skipped"]]
     return "\n".join(lines) + "\n"
@@ -176,9 +231,14 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2], help="all: the sizes to compare")
     ap.add_argument("--big-shape", default=None, help="all: also load and serve this shape at --big-tp")
     ap.add_argument("--big-tp", type=int, default=2)
-    ap.add_argument("--same-settings", action=__import__("argparse").BooleanOptionalAction, default=True,
+    ap.add_argument("--same-settings", action=__import__("argparse").BooleanOptionalAction, default=False,
                     help="all: also run size 1 without CUDA graphs")
     ap.add_argument("--eager", action="store_true", help="part: no CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="part: print rank 0's host profile of each phase")
+    ap.add_argument("--fp32", action="store_true", help="part: float32 weights and activations")
+    ap.add_argument("--parity-only", action="store_true", help="part: the parity logits and tokens, no batch")
+    ap.add_argument("--fp32-parity", action=__import__("argparse").BooleanOptionalAction, default=True,
+                    help="all: also every size in float32, parity only (tells sharding errors from bf16 noise)")
     ap.add_argument("--logits", default=None, help="part: save parity logits and greedy tokens here")
     ap.add_argument("--part-timeout", type=float, default=900)
     ap.add_argument("--smoke", action="store_true", help="CPU, gloo, the llama-mini shape, tiny batch (plumbing)")

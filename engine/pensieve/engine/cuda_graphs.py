@@ -100,7 +100,11 @@ class DecodeGraphs:
             self._forward(v, meta)  # compiles this batch's kernel variants outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # Under tensor parallelism the collectives are captured too (NCCL supports it); the
+            # process group's watchdog thread queries events meanwhile, which a capture in the
+            # default (global) mode would refuse: only this thread's calls are checked then.
+            mode = "thread_local" if self.runner.tp.enabled else "global"
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
                 logits = self._forward(v, meta)
             if self.pool is None:
                 self.pool = graph.pool()
@@ -113,13 +117,18 @@ class DecodeGraphs:
     def run(self, inputs: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the graph of ``inputs.num_tokens`` rows (inputs padded to a captured size).
         Returns float32 logits of every row (padding rows included)."""
-        graph, logits, _ = self.graphs[inputs.num_tokens]
-        n = inputs.packed.size
+        return self.replay(inputs.packed, inputs.num_tokens, prev_tokens if inputs.has_placeholders else None)
+
+    def replay(self, packed, batch: int, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """``run`` from the packed inputs alone (a tensor-parallel worker receives only those);
+        ``prev_tokens`` when some input ids are placeholders."""
+        graph, logits, _ = self.graphs[batch]
+        n = packed.size
         host = self.staging.next(n)
-        host.numpy()[:] = inputs.packed
+        host.numpy()[:] = packed
         self.buf[:n].copy_(host, non_blocking=True)
-        if inputs.has_placeholders:
-            resolve_placeholders(self.buf[:inputs.num_tokens], prev_tokens)
+        if prev_tokens is not None:
+            resolve_placeholders(self.buf[:batch], prev_tokens)
         graph.replay()
         return logits
 

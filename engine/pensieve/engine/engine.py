@@ -152,8 +152,6 @@ class LLMEngine:
         self._token_host = PinnedPair(config.max_num_seqs, torch.int64, pin=self.device.type == "cuda")
         self.async_scheduling = config.async_scheduling == "on" or (
             config.async_scheduling == "auto" and self.device.type == "cuda")
-        if self.tp.enabled and config.cuda_graphs and self.device.type == "cuda":
-            log.info("tensor parallel: CUDA graphs are off at size %d", self.tp.world_size)
         self._ids = itertools.count()
         log.info("engine ready: %s on %s (%s), %d GPU-tier + %d CPU-tier blocks of %d tokens (%.2f MiB each), "
                  "max_model_len %d, cache mode %s, eviction %s (cost: %s)",

@@ -63,7 +63,7 @@ class ModelRunner:
                                        pin=device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
         self.last_path = "eager"  # how the last step ran: graph, eager or eager_for_copies
-        if device.type == "cuda" and config.cuda_graphs and not tp.enabled:  # (the engine logs why not)
+        if device.type == "cuda" and config.cuda_graphs:  # every rank captures the same graphs
             self.graphs = DecodeGraphs(self, min(config.max_num_seqs, 256), width, self.staging)
 
     @property
@@ -288,6 +288,17 @@ class ModelRunner:
             return None
         return self.graphs.batch_size_for(len(out.chunks))
 
+    def choose_path(self, out: SchedulerOutput, all_logits: bool) -> int | None:
+        """The padded batch of the decode graph this step replays, or None (eager); sets
+        ``last_path``. A step that admits swap-ins runs eagerly (its layers wait one by one)."""
+        decode_graph = self._graph_batch(out, all_logits)
+        graph_batch = None if out.swaps.swap_in else decode_graph
+        # for pensieve_engine_steps_total: a decode step that runs eagerly only because its layers
+        # wait for swap-ins is counted apart
+        self.last_path = "graph" if graph_batch is not None else (
+            "eager_for_copies" if decode_graph is not None else "eager")
+        return graph_batch
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, all_logits: bool = False,
                 prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -315,15 +326,10 @@ class ModelRunner:
         # idle chunk without a CPU copy gave it up) waits for all of them up front and replays
         # its graph: a few blocks' copy costs less than an eager step. A step with swap-ins runs
         # eagerly, its layers waiting one by one (it admits a request, mostly with a prefill).
-        decode_graph = self._graph_batch(out, all_logits)
-        graph_batch = None if swaps.swap_in else decode_graph
+        graph_batch = self.choose_path(out, all_logits)
         if graph_batch is not None and swaps.swap_out:
             self.swapper.wait_all()
             blocking = False
-        # for pensieve_engine_steps_total: a decode step that runs eagerly only because its layers
-        # wait for swap-ins is counted apart
-        self.last_path = "graph" if graph_batch is not None else (
-            "eager_for_copies" if decode_graph is not None else "eager")
         if graph_batch is not None:
             inputs = build_step_inputs(out, self.block_size, pad_to=graph_batch, width=self.graphs.width)
             logits = self.graphs.run(inputs, prev_tokens)[:len(out.chunks)]

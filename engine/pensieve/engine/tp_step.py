@@ -8,13 +8,19 @@ step while its GPU still runs this one):
     header[HEADER]: kind | T | S | W | sampled rows | all_logits | #swap_in | #swap_out
                     | #swap_out_ahead | wait_for_batch | #previous tokens | ahead_batch
                     | the newest ahead-of-time batch rank 0 has seen complete
+                    | graph (1: replay the decode graph of T rows)
     payload:        the packed step inputs (``step_inputs.py`` layout, absent when the
-                    step has no chunks) | the swap plan's (src, dst) block-id pairs
+                    step has no chunks; a graph step's are padded to T rows and the
+                    graphs' width W) | the swap plan's (src, dst) block-id pairs
 
 ``kind`` is STEP or STOP (the workers leave their loop). Every rank then calls
 ``run_step`` with the same message: the same swaps on its own shard of the tiers
 (block ids are the same on every rank), the same forward pass (its collectives
 pair up), the same logits (gathered on every rank; only rank 0 samples).
+
+Rank 0 picks a step's path (``ModelRunner.choose_path``): every rank captured the
+same decode graphs at start-up, collectives included, so a graph step is one
+replay on every rank, and its all-reduces pair up inside the graphs.
 
 Asynchronous scheduling: a step's input ids may be placeholders for the tokens
 the previous step sampled, which only rank 0's device holds. Rank 0 then
@@ -33,7 +39,7 @@ from .models import AttentionMetadata
 from .scheduler import SchedulerOutput
 from .step_inputs import build_step_inputs, packed_size, resolve_placeholders, split_views
 
-HEADER = 13
+HEADER = 14
 STEP, STOP = 1, 2
 _SWAP_KINDS = ("swap_in", "swap_out", "swap_out_ahead")
 
@@ -43,8 +49,14 @@ def broadcast_step(runner, out: SchedulerOutput, all_logits: bool, prev_tokens: 
     header = np.zeros(HEADER, dtype=np.int32)
     parts = []
     if out.chunks:
-        inputs = build_step_inputs(out, runner.block_size)
-        header[1:5] = inputs.num_tokens, inputs.num_segments, inputs.width, len(inputs.sample_rows)
+        graph_batch = runner.choose_path(out, all_logits)
+        if graph_batch is None:
+            inputs = build_step_inputs(out, runner.block_size)
+            header[1:5] = inputs.num_tokens, inputs.num_segments, inputs.width, len(inputs.sample_rows)
+        else:  # the graph returns every row's logits: the first len(chunks) are the step's
+            inputs = build_step_inputs(out, runner.block_size, pad_to=graph_batch, width=runner.graphs.width)
+            header[1:5] = graph_batch, graph_batch, runner.graphs.width, len(out.chunks)
+            header[13] = 1
         if inputs.has_placeholders:
             if prev_tokens is None:
                 raise RuntimeError("step inputs hold placeholders but no previous step's tokens were given")
@@ -110,12 +122,22 @@ def run_step(runner, header: np.ndarray, payload: np.ndarray, prev_tokens: torch
         if has_swaps:
             swapper.finish_without_compute()
         return None
-    v = split_views(_inputs_on_device(runner, payload[:inputs_len]), t, s, w)
-    host = split_views(payload[:inputs_len], t, s, w)
     if header[10]:  # placeholders: the previous step's tokens, from rank 0's device
         if prev_tokens is None:
             prev_tokens = torch.empty(int(header[10]), dtype=torch.int64, device=runner.device)
         runner.tp.broadcast(prev_tokens)
+    else:
+        prev_tokens = None
+    if header[13]:  # a decode graph (swap-ins never ride one; swap-outs are waited for first)
+        if swaps.swap_out:
+            swapper.wait_all()
+        logits = runner.graphs.replay(payload[:inputs_len], t, prev_tokens)[:n_sample]
+        if has_swaps:
+            swapper.after_forward()
+        return logits
+    v = split_views(_inputs_on_device(runner, payload[:inputs_len]), t, s, w)
+    host = split_views(payload[:inputs_len], t, s, w)
+    if prev_tokens is not None:
         resolve_placeholders(v["input_ids"], prev_tokens)
     meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
                              impl=runner.attention_impl)
@@ -124,7 +146,8 @@ def run_step(runner, header: np.ndarray, payload: np.ndarray, prev_tokens: torch
     if runner.uses_triton:
         meta.kernel_plan = prepare_paged_attention(torch.from_numpy(host["seg_q_start"].copy()),
                                                    torch.from_numpy(host["seg_pos_start"].copy()),
-                                                   runner.num_heads, runner.num_kv_heads, device=runner.device)
+                                                   runner.num_heads, runner.num_kv_heads, device=runner.device,
+                                                   staging=runner.plan_staging.next)
     hidden = runner.model(v["input_ids"], v["positions"], meta, runner.kv_caches)
     if not all_logits:
         hidden = hidden.index_select(0, v["sample_rows"][:n_sample])

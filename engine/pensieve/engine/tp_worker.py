@@ -50,6 +50,7 @@ def start_group(config: EngineConfig, model_cfg: dict, device: torch.device, dty
     if torch.distributed.is_initialized():
         raise RuntimeError("a tensor-parallel engine already runs in this process (one per process); close() it first")
     device = parallel.rank_device(device, 0)
+    parallel.share_cpu_threads(world, device)
     store = parallel.open_store(world)
     workers = WorkerSet.start(config, model_cfg, device, dtype, max_model_len, store.port)
     atexit.register(workers.stop)  # an engine never closed: its workers go with the interpreter
@@ -131,6 +132,10 @@ class WorkerSet:
         if runner is not None:
             try:
                 runner.stop_workers()
+                # The workers leave the group as they exit, and under NCCL destroying a
+                # communicator waits for every rank to destroy its own: rank 0 leaves now,
+                # before it waits for them (else each side waits for the other until terminated).
+                parallel.destroy_group()
             except Exception as e:  # the group is broken (a worker died): terminate below
                 log.warning("tensor parallel: could not tell the workers to stop (%s)", e)
         deadline = time.monotonic() + (JOIN_TIMEOUT_S if runner is not None else 0.0)
@@ -163,6 +168,7 @@ def worker_main(config: EngineConfig, model_cfg: dict, device_type: str, dtype: 
     from .runner import ModelRunner
 
     device = parallel.rank_device(torch.device(device_type), rank)
+    parallel.share_cpu_threads(world, device)
     store = parallel.connect_store(store_port, world)
     tp = parallel.init_group(store, rank, world, device)
     try:
