@@ -188,6 +188,7 @@ class LLMEngine:
         if workers is None:
             return
         workers.stop(self.runner if clean else None)
+        self.runner.release_graphs()  # (stop did it on a clean stop; the group cannot go before them)
         from .parallel import destroy_group
         destroy_group()
 

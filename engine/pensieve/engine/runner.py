@@ -361,3 +361,14 @@ class ModelRunner:
         from .tp_step import send_stop
 
         send_stop(self)
+
+    def release_graphs(self) -> None:
+        """Free the decode graphs (the runner serves no step after this). Under tensor parallelism
+        every rank calls it before leaving the group: NCCL does not destroy a communicator while
+        graphs that captured its collectives still exist (it waits for them, forever)."""
+        if self.graphs is None:
+            return
+        torch.cuda.synchronize(self.device)
+        for graph, _, _ in self.graphs.graphs.values():
+            graph.reset()
+        self.graphs = None

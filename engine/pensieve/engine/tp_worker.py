@@ -135,6 +135,7 @@ class WorkerSet:
                 # The workers leave the group as they exit, and under NCCL destroying a
                 # communicator waits for every rank to destroy its own: rank 0 leaves now,
                 # before it waits for them (else each side waits for the other until terminated).
+                runner.release_graphs()
                 parallel.destroy_group()
             except Exception as e:  # the group is broken (a worker died): terminate below
                 log.warning("tensor parallel: could not tell the workers to stop (%s)", e)
@@ -171,6 +172,7 @@ def worker_main(config: EngineConfig, model_cfg: dict, device_type: str, dtype: 
     parallel.share_cpu_threads(world, device)
     store = parallel.connect_store(store_port, world)
     tp = parallel.init_group(store, rank, world, device)
+    runner = None
     try:
         torch.manual_seed(config.seed)
         runner = ModelRunner(config, model_cfg, device, dtype, max_model_len, tp)
@@ -181,6 +183,8 @@ def worker_main(config: EngineConfig, model_cfg: dict, device_type: str, dtype: 
                  runner.cpu_caches[0][0].shape[0] if runner.cpu_caches else 0, runner.num_kv_heads)
         runner.serve_steps()
     finally:
+        if runner is not None:
+            runner.release_graphs()  # before the group: see ModelRunner.release_graphs
         parallel.destroy_group()
 
 
