@@ -365,7 +365,13 @@ def run_part(args) -> dict:
     for mode in modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        sargs = server_args(v, mode, sizing) + (f" {args.server_extra}" if args.server_extra else "")
+        # Each server keeps its conversations in its own store. The default (one SQLite file per
+        # model under ~/.cache/pensieve) is shared by every server on the machine: two sweeps at
+        # once (one per GPU) replaying the same sessions extended each other's records.
+        store = Path(args.log_dir).resolve() / f"sessions-{mode}-{os.getpid()}.sqlite3"
+        store.unlink(missing_ok=True)
+        sargs = server_args(v, mode, sizing) + f" --session-store sqlite://{store}" + (
+            f" {args.server_extra}" if args.server_extra else "")
         srv = argparse.Namespace(model=model, model_name="bench-model", api_key=None, server_args=sargs,
                                  log_dir=args.log_dir, startup_timeout=args.startup_timeout)
         t_start = time.monotonic()

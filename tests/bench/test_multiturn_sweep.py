@@ -131,6 +131,10 @@ def test_smoke_sweep_end_to_end(tmp_path):
             if mode == "none":
                 assert p["context_tokens"]["gpu"] == 0
     assert "--num-cpu-blocks" in var["modes"]["pensieve"]["server_args"]
+    # every server kept its conversations in a store of its own, under the log folder (never the
+    # machine-wide default another sweep on the same machine would share)
+    stores = {m["server_args"].split("--session-store ")[1].split()[0] for m in var["modes"].values()}
+    assert len(stores) == 3 and all(s.startswith(f"sqlite://{tmp_path / 'logs'}/") for s in stores), stores
     pngs = sorted(x.name for x in (tmp_path / "png").iterdir())
     assert pngs == ["smoke_context_sources.png", "smoke_latency_throughput.png", "smoke_ttft_p90.png"]
     assert all((tmp_path / "png" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in pngs)
