@@ -3,6 +3,7 @@
     python bench/tensor_parallel.py all --sizes 1 2 --big-shape llama2-70b --big-tp 2 --out tp.json
     python bench/tensor_parallel.py part --tp 2 --shape llama3-8b --out part.json --logits part.pt
     python bench/tensor_parallel.py all --smoke --out tp.json      # CPU plumbing check (gloo, tiny shape)
+    python bench/tensor_parallel.py all --cpu --layers 4 --parity-only --out parity.json  # bf16 noise vs sharding
 
 ``all`` runs one ``part`` per size, each in its own process (a process holds one
 tensor-parallel group), then the big shape at ``--big-tp``, and writes one JSON
@@ -50,9 +51,11 @@ def part(args) -> dict:
     from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
     from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
 
-    model = shape_checkpoint(args.shape, args.workdir)
-    device = "cpu" if args.smoke else "cuda"
+    model = _checkpoint(args)
+    device = "cpu" if args.smoke or args.cpu else "cuda"
     extra = dict(dtype="float32", num_gpu_blocks=256) if args.smoke else {}
+    if args.cpu:  # (bf16 on the CPU too, as on the GPU, unless --fp32)
+        extra.update(dtype="bfloat16", num_gpu_blocks=64)
     if args.fp32:
         extra.update(dtype="float32")
     if args.eager:
@@ -115,6 +118,22 @@ def part(args) -> dict:
         engine.close()
 
 
+def _checkpoint(args) -> str:
+    """The shape's checkpoint folder; with ``--layers N`` the same shape cut to N layers."""
+    if not args.layers:
+        return shape_checkpoint(args.shape, args.workdir)
+    from shapes import SHAPES
+
+    from pensieve.engine.tiny import train_tokenizer
+
+    folder = Path(args.workdir) / f"{args.shape}-{args.layers}l"
+    if not (folder / "config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        train_tokenizer(folder)
+        (folder / "config.json").write_text(json.dumps({**SHAPES[args.shape], "num_hidden_layers": args.layers}))
+    return str(folder)
+
+
 def _run_counting_steps(engine, prompts, params) -> int:
     """Run ``prompts`` to completion; returns how many engine steps it took."""
     for p in prompts:
@@ -129,7 +148,7 @@ def _run_counting_steps(engine, prompts, params) -> int:
 def run_all(args) -> dict:
     import torch
 
-    gpus = 0 if args.smoke else torch.cuda.device_count()
+    gpus = 0 if args.smoke or args.cpu else torch.cuda.device_count()
     work = Path(args.workdir) / "tensor-parallel-parts"  # the parts' files stay out of --out's folder
     work.mkdir(parents=True, exist_ok=True)
     runs, skipped = [], []
@@ -139,11 +158,13 @@ def run_all(args) -> dict:
     if args.big_shape:
         plan.append((args.big_shape, args.big_tp, False))
     plan = [(shape, size, eager, False) for shape, size, eager in plan]
-    if args.fp32_parity and not args.smoke:
+    if args.parity_only:  # bf16 and float32 at each size, parity alone
+        plan = [(args.shape, size, False, fp32) for fp32 in (False, True) for size in args.sizes]
+    elif args.fp32_parity and not args.smoke:
         # float32 at every size: sharding errors show there; bf16's own noise is tp1 bf16 against tp1 float32
         plan += [(args.shape, size, False, True) for size in args.sizes]
     for shape, size, eager, fp32 in plan:
-        if not args.smoke and size > gpus:
+        if not (args.smoke or args.cpu) and size > gpus:
             skipped.append(f"{shape} at size {size}: {gpus} CUDA device(s)")
             continue
         tag = f"{shape}-tp{size}{'-eager' if eager else ''}{'-fp32' if fp32 else ''}"
@@ -153,6 +174,9 @@ def run_all(args) -> dict:
         cmd += ["--eager"] if eager else []
         cmd += ["--fp32", "--parity-only", "--eager"] if fp32 else []  # (no graphs to capture: a faster start)
         cmd += ["--profile"] if args.profile else []
+        cmd += ["--cpu"] if args.cpu else []
+        cmd += ["--layers", str(args.layers)] if args.layers else []
+        cmd += ["--parity-only"] if args.parity_only and not fp32 else []
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, timeout=args.part_timeout).returncode
@@ -161,7 +185,7 @@ def run_all(args) -> dict:
             part_result = json.loads((work / f"{tag}.json").read_text())
             entry.update({k: v for k, v in part_result.items() if k not in ("command", "machine")})
         runs.append(entry)
-    runs = [r for r in runs if not r.get("fp32")]  # parity-only parts: in "parity", not in the table
+    runs = [r for r in runs if r["rc"] or "seconds" in r]  # parity-only parts: in "parity", not in the table
     return dict(runs=runs, skipped=skipped, parity=_parity(work, args.shape, args.sizes), speedup=_speedup(runs))
 
 
@@ -236,7 +260,10 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help="part: no CUDA graphs")
     ap.add_argument("--profile", action="store_true", help="part: print rank 0's host profile of each phase")
     ap.add_argument("--fp32", action="store_true", help="part: float32 weights and activations")
-    ap.add_argument("--parity-only", action="store_true", help="part: the parity logits and tokens, no batch")
+    ap.add_argument("--parity-only", action="store_true",
+                    help="the parity logits and tokens alone, no batch (all: bf16 and float32 at every size)")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU (gloo) in bf16, e.g. a cut shape's parity")
+    ap.add_argument("--layers", type=int, default=0, help="cut the shape to this many layers (0: all)")
     ap.add_argument("--fp32-parity", action=__import__("argparse").BooleanOptionalAction, default=True,
                     help="all: also every size in float32, parity only (tells sharding errors from bf16 noise)")
     ap.add_argument("--logits", default=None, help="part: save parity logits and greedy tokens here")

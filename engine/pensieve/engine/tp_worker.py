@@ -50,7 +50,7 @@ def start_group(config: EngineConfig, model_cfg: dict, device: torch.device, dty
     if torch.distributed.is_initialized():
         raise RuntimeError("a tensor-parallel engine already runs in this process (one per process); close() it first")
     device = parallel.rank_device(device, 0)
-    parallel.share_cpu_threads(world, device)
+    parallel.share_cpu_threads(world)
     store = parallel.open_store(world)
     workers = WorkerSet.start(config, model_cfg, device, dtype, max_model_len, store.port)
     atexit.register(workers.stop)  # an engine never closed: its workers go with the interpreter
@@ -169,7 +169,7 @@ def worker_main(config: EngineConfig, model_cfg: dict, device_type: str, dtype: 
     from .runner import ModelRunner
 
     device = parallel.rank_device(torch.device(device_type), rank)
-    parallel.share_cpu_threads(world, device)
+    parallel.share_cpu_threads(world)
     store = parallel.connect_store(store_port, world)
     tp = parallel.init_group(store, rank, world, device)
     runner = None
