@@ -31,14 +31,17 @@ SHAPES = {
 }
 
 
-def shape_checkpoint(name: str, root: str | Path) -> str:
+def shape_checkpoint(name: str, root: str | Path, layers: int = 0) -> str:
+    """The shape's checkpoint folder under ``root`` (config and a small tokenizer; weights are
+    dummy); ``layers``: the same shape cut to that many layers (0: all)."""
     from pensieve.engine.tiny import train_tokenizer
 
-    folder = Path(root) / name
+    folder = Path(root) / (f"{name}-{layers}l" if layers else name)
     if not (folder / "config.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         train_tokenizer(folder)
-        (folder / "config.json").write_text(json.dumps(SHAPES[name], indent=2))
+        config = {**SHAPES[name], "num_hidden_layers": layers} if layers else SHAPES[name]
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
     return str(folder)
 
 

@@ -51,7 +51,7 @@ def part(args) -> dict:
     from pensieve.engine import EngineConfig, LLMEngine, SamplingParams
     from pensieve.engine.scheduler import ScheduledChunk, SchedulerOutput
 
-    model = _checkpoint(args)
+    model = shape_checkpoint(args.shape, args.workdir, args.layers)
     device = "cpu" if args.smoke or args.cpu else "cuda"
     extra = dict(dtype="float32", num_gpu_blocks=256) if args.smoke else {}
     if args.cpu:  # (bf16 on the CPU too, as on the GPU, unless --fp32)
@@ -116,22 +116,6 @@ def part(args) -> dict:
         return result
     finally:
         engine.close()
-
-
-def _checkpoint(args) -> str:
-    """The shape's checkpoint folder; with ``--layers N`` the same shape cut to N layers."""
-    if not args.layers:
-        return shape_checkpoint(args.shape, args.workdir)
-    from shapes import SHAPES
-
-    from pensieve.engine.tiny import train_tokenizer
-
-    folder = Path(args.workdir) / f"{args.shape}-{args.layers}l"
-    if not (folder / "config.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(folder)
-        (folder / "config.json").write_text(json.dumps({**SHAPES[args.shape], "num_hidden_layers": args.layers}))
-    return str(folder)
 
 
 def _run_counting_steps(engine, prompts, params) -> int:

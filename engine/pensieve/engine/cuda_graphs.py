@@ -21,7 +21,7 @@ from pensieve.kernels import decode_graph_plan
 
 from .models import AttentionMetadata
 from .pinned import PinnedPair
-from .step_inputs import StepInputs, packed_size, resolve_placeholders, split_views
+from .step_inputs import packed_size, resolve_placeholders, split_views
 
 log = logging.getLogger("pensieve.engine")
 
@@ -114,14 +114,10 @@ class DecodeGraphs:
         log.info("captured %d decode graphs (batch sizes %s) in %.1f s, %.0f MiB",
                  len(self.graphs), ",".join(map(str, self.sizes)), time.perf_counter() - t0, self.pool_bytes / 2**20)
 
-    def run(self, inputs: StepInputs, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay the graph of ``inputs.num_tokens`` rows (inputs padded to a captured size).
-        Returns float32 logits of every row (padding rows included)."""
-        return self.replay(inputs.packed, inputs.num_tokens, prev_tokens if inputs.has_placeholders else None)
-
     def replay(self, packed, batch: int, prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        """``run`` from the packed inputs alone (a tensor-parallel worker receives only those);
-        ``prev_tokens`` when some input ids are placeholders."""
+        """Replay the graph of ``batch`` rows from packed inputs padded to that captured size
+        (``prev_tokens`` when some input ids are placeholders for them). Returns float32 logits
+        of every row (padding rows included)."""
         graph, logits, _ = self.graphs[batch]
         n = packed.size
         host = self.staging.next(n)

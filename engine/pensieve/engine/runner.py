@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from pensieve.kernels import paged_attention, prepare_paged_attention, resolve_impl
@@ -17,7 +18,7 @@ from .pinned import PinnedPair
 from .models import AttentionMetadata
 from .parallel import SINGLE, TensorParallel
 from .scheduler import SchedulerOutput
-from .step_inputs import StepInputs, build_step_inputs, packed_size, resolve_placeholders
+from .step_inputs import StepInputs, build_step_inputs, packed_size, resolve_placeholders, split_views
 from .swapper import HostBuffer, Swapper
 
 log = logging.getLogger("pensieve.engine")
@@ -253,27 +254,21 @@ class ModelRunner:
         self.swapper.ahead.clear()
 
     # ---------------------------------------------------------------- step
-    def prepare(self, out: SchedulerOutput, prev_tokens: torch.Tensor | None = None
-                ) -> tuple[StepInputs, dict, AttentionMetadata]:
-        """Pack the step on the host and copy it to the device in one transfer."""
-        inputs = build_step_inputs(out, self.block_size)
-        if self.device.type == "cuda":
-            host = self.staging.next(inputs.packed.size)
-            host.numpy()[:] = inputs.packed
-            buf = host.to(self.device, non_blocking=True)
-        else:
-            buf = torch.from_numpy(inputs.packed)
-        v = inputs.device_views(buf)
-        if inputs.has_placeholders:
-            resolve_placeholders(v["input_ids"], prev_tokens)
-        meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
-                                 impl=self.attention_impl)
-        if self.uses_triton:
-            meta.kernel_plan = prepare_paged_attention(torch.from_numpy(inputs.seg_q_start),
-                                                       torch.from_numpy(inputs.seg_pos_start),
-                                                       self.num_heads, self.num_kv_heads, device=self.device,
-                                                       staging=self.plan_staging.next)
-        return inputs, v, meta
+    def pack(self, out: SchedulerOutput, all_logits: bool) -> tuple[StepInputs, bool]:
+        """The step's inputs packed on the host, and whether they replay a decode graph (then
+        padded to its batch and width); sets ``last_path``."""
+        graph_batch = self.choose_path(out, all_logits)
+        if graph_batch is None:
+            return build_step_inputs(out, self.block_size), False
+        return build_step_inputs(out, self.block_size, pad_to=graph_batch, width=self.graphs.width), True
+
+    def to_device(self, packed: np.ndarray) -> torch.Tensor:
+        """Packed inputs on the device: one copy from pinned memory (no host wait on CUDA)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(packed)
+        host = self.staging.next(packed.size)
+        host.numpy()[:] = packed
+        return host.to(self.device, non_blocking=True)
 
     def copies_done(self) -> int:
         """The newest ahead-of-time copy batch now known complete, 0 if none since the last call
@@ -309,37 +304,58 @@ class ModelRunner:
         if self.tp.enabled:
             from .tp_step import broadcast_step, run_step
             return run_step(self, *broadcast_step(self, out, all_logits, prev_tokens))
-        swaps = out.swaps
+        if out.swaps.wait_for_batch:  # a block rewritten here may still be read by an ahead-of-time copy
+            self.swapper.wait_ahead(out.swaps.wait_for_batch)
+        if not out.chunks:
+            return self.run_packed(out.swaps, None, all_logits=all_logits)
+        inputs, graph = self.pack(out, all_logits)
+        return self.run_packed(out.swaps, inputs.packed, (inputs.num_tokens, inputs.num_segments, inputs.width),
+                               len(inputs.sample_rows), graph, all_logits,
+                               prev_tokens if inputs.has_placeholders else None)
+
+    def run_packed(self, swaps: SwapPlan, packed: np.ndarray | None, shape: tuple[int, int, int] = (0, 0, 0),
+                   rows: int = 0, graph: bool = False, all_logits: bool = False,
+                   prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A step on this rank from its packed inputs (``step_inputs.py`` layout of ``shape`` =
+        T, S, W; None: a step of copies alone): the swaps on this rank's shard of the tiers, then
+        the decode graph's replay (``graph``) or the eager forward pass. Returns the float32 logits
+        of the first ``rows`` sampled rows (every row's when ``all_logits``). ``prev_tokens``: the
+        previous step's tokens, given when some input ids are placeholders for them."""
         has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
-        blocking = bool(swaps.swap_in or swaps.swap_out)  # layers must wait for these copies
         if has_swaps and self.swapper is None:
             raise RuntimeError("swaps planned but no CPU tier is allocated")
-        if swaps.wait_for_batch:
-            self.swapper.wait_ahead(swaps.wait_for_batch)  # a block rewritten here may still be read
         if has_swaps:
             self.swapper.begin(swaps)
-        if not out.chunks:
+        if packed is None:
             if has_swaps:
                 self.swapper.finish_without_compute()
             return None
-        # A decode step whose only in-step copies are swap-outs (a decode needed a block and an
-        # idle chunk without a CPU copy gave it up) waits for all of them up front and replays
-        # its graph: a few blocks' copy costs less than an eager step. A step with swap-ins runs
-        # eagerly, its layers waiting one by one (it admits a request, mostly with a prefill).
-        graph_batch = self.choose_path(out, all_logits)
-        if graph_batch is not None and swaps.swap_out:
-            self.swapper.wait_all()
-            blocking = False
-        if graph_batch is not None:
-            inputs = build_step_inputs(out, self.block_size, pad_to=graph_batch, width=self.graphs.width)
-            logits = self.graphs.run(inputs, prev_tokens)[:len(out.chunks)]
+        t, s, w = shape
+        if graph:
+            # A decode step whose only in-step copies are swap-outs (a decode needed a block and an
+            # idle chunk without a CPU copy gave it up) waits for all of them up front and replays
+            # its graph: a few blocks' copy costs less than an eager step. Swap-ins never ride a
+            # graph (choose_path): such a step admits a request, mostly with a prefill.
+            if swaps.swap_out:
+                self.swapper.wait_all()
+            logits = self.graphs.replay(packed, t, prev_tokens)[:rows]
         else:
-            inputs, v, meta = self.prepare(out, prev_tokens)
-            if blocking:
+            v = split_views(self.to_device(packed), t, s, w)
+            host = split_views(packed, t, s, w)
+            if prev_tokens is not None:
+                resolve_placeholders(v["input_ids"], prev_tokens)
+            meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
+                                     impl=self.attention_impl)
+            if swaps.swap_in or swaps.swap_out:  # the layers wait for these copies one by one
                 meta.wait_for_layer = self.swapper.wait_for_layer
+            if self.uses_triton:
+                meta.kernel_plan = prepare_paged_attention(torch.from_numpy(host["seg_q_start"]),
+                                                           torch.from_numpy(host["seg_pos_start"]),
+                                                           self.num_heads, self.num_kv_heads, device=self.device,
+                                                           staging=self.plan_staging.next)
             hidden = self.model(v["input_ids"], v["positions"], meta, self.kv_caches)
             if not all_logits:
-                hidden = hidden.index_select(0, v["sample_rows"][:len(inputs.sample_rows)])
+                hidden = hidden.index_select(0, v["sample_rows"][:rows])
             logits = self.model.compute_logits(hidden).float()
         if has_swaps:
             self.swapper.after_forward()

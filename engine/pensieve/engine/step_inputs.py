@@ -41,10 +41,6 @@ class StepInputs:
     seg_pos_start: np.ndarray
     has_placeholders: bool      # some input ids are -1 - row of the previous step's samples
 
-    def device_views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Slices of a device copy of ``packed`` (same layout)."""
-        return split_views(buf, self.num_tokens, self.num_segments, self.width)
-
 
 def _offsets(t: int, s: int, w: int) -> list[int]:
     # Each part starts on a 64-byte boundary: Triton specializes kernels on pointer

@@ -32,12 +32,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pensieve.kernels import prepare_paged_attention
-
 from .cache_manager import SwapPlan
-from .models import AttentionMetadata
 from .scheduler import SchedulerOutput
-from .step_inputs import build_step_inputs, packed_size, resolve_placeholders, split_views
+from .step_inputs import packed_size
 
 HEADER = 14
 STEP, STOP = 1, 2
@@ -49,14 +46,9 @@ def broadcast_step(runner, out: SchedulerOutput, all_logits: bool, prev_tokens: 
     header = np.zeros(HEADER, dtype=np.int32)
     parts = []
     if out.chunks:
-        graph_batch = runner.choose_path(out, all_logits)
-        if graph_batch is None:
-            inputs = build_step_inputs(out, runner.block_size)
-            header[1:5] = inputs.num_tokens, inputs.num_segments, inputs.width, len(inputs.sample_rows)
-        else:  # the graph returns every row's logits: the first len(chunks) are the step's
-            inputs = build_step_inputs(out, runner.block_size, pad_to=graph_batch, width=runner.graphs.width)
-            header[1:5] = graph_batch, graph_batch, runner.graphs.width, len(out.chunks)
-            header[13] = 1
+        inputs, graph = runner.pack(out, all_logits)
+        header[1:5] = inputs.num_tokens, inputs.num_segments, inputs.width, len(inputs.sample_rows)
+        header[13] = graph
         if inputs.has_placeholders:
             if prev_tokens is None:
                 raise RuntimeError("step inputs hold placeholders but no previous step's tokens were given")
@@ -97,14 +89,12 @@ def send_stop(runner) -> None:
 @torch.inference_mode()
 def run_step(runner, header: np.ndarray, payload: np.ndarray, prev_tokens: torch.Tensor | None
              ) -> torch.Tensor | None:
-    """Every rank: this step's swaps on its shard of the tiers, then the forward pass.
-    Returns float32 logits of the sampled rows (every row's when all_logits)."""
+    """Every rank: this step's swaps on its shard of the tiers, then the forward pass
+    (``ModelRunner.run_packed``). Returns float32 logits of the sampled rows (every row's
+    when all_logits)."""
     t, s, w, n_sample, all_logits = (int(x) for x in header[1:6])
     inputs_len = packed_size(t, s, w) if t else 0
     swaps = _swap_plan(header, payload[inputs_len:])
-    has_swaps = bool(swaps.swap_in or swaps.swap_out or swaps.swap_out_ahead)
-    if has_swaps and runner.swapper is None:
-        raise RuntimeError("swaps planned but no CPU tier is allocated")
     swapper = runner.swapper
     # Rank 0's cache manager releases a block read by an ahead-of-time batch once rank 0
     # has seen that batch complete (its watermark, header[12]), or makes the step wait for
@@ -116,45 +106,14 @@ def run_step(runner, header: np.ndarray, payload: np.ndarray, prev_tokens: torch
             swapper.wait_ahead(need)
         if runner.tp.rank > 0:
             swapper.completed_batch()  # forget the events of finished batches
-    if has_swaps:
-        swapper.begin(swaps)
     if not t:
-        if has_swaps:
-            swapper.finish_without_compute()
-        return None
+        return runner.run_packed(swaps, None)
     if header[10]:  # placeholders: the previous step's tokens, from rank 0's device
         if prev_tokens is None:
             prev_tokens = torch.empty(int(header[10]), dtype=torch.int64, device=runner.device)
         runner.tp.broadcast(prev_tokens)
-    else:
-        prev_tokens = None
-    if header[13]:  # a decode graph (swap-ins never ride one; swap-outs are waited for first)
-        if swaps.swap_out:
-            swapper.wait_all()
-        logits = runner.graphs.replay(payload[:inputs_len], t, prev_tokens)[:n_sample]
-        if has_swaps:
-            swapper.after_forward()
-        return logits
-    v = split_views(_inputs_on_device(runner, payload[:inputs_len]), t, s, w)
-    host = split_views(payload[:inputs_len], t, s, w)
-    if prev_tokens is not None:
-        resolve_placeholders(v["input_ids"], prev_tokens)
-    meta = AttentionMetadata(v["slots"], v["block_tables"], v["seg_q_start"], v["seg_pos_start"],
-                             impl=runner.attention_impl)
-    if swaps.swap_in or swaps.swap_out:
-        meta.wait_for_layer = swapper.wait_for_layer
-    if runner.uses_triton:
-        meta.kernel_plan = prepare_paged_attention(torch.from_numpy(host["seg_q_start"].copy()),
-                                                   torch.from_numpy(host["seg_pos_start"].copy()),
-                                                   runner.num_heads, runner.num_kv_heads, device=runner.device,
-                                                   staging=runner.plan_staging.next)
-    hidden = runner.model(v["input_ids"], v["positions"], meta, runner.kv_caches)
-    if not all_logits:
-        hidden = hidden.index_select(0, v["sample_rows"][:n_sample])
-    logits = runner.model.compute_logits(hidden).float()
-    if has_swaps:
-        swapper.after_forward()
-    return logits
+    return runner.run_packed(swaps, payload[:inputs_len], (t, s, w), n_sample, bool(header[13]), bool(all_logits),
+                             prev_tokens if header[10] else None)
 
 
 def _payload_len(header: np.ndarray) -> int:
@@ -170,12 +129,3 @@ def _swap_plan(header: np.ndarray, flat: np.ndarray) -> SwapPlan:
         setattr(plan, kind, [tuple(p) for p in flat[at:at + 2 * n].reshape(n, 2).tolist()])
         at += 2 * n
     return plan
-
-
-def _inputs_on_device(runner, packed: np.ndarray) -> torch.Tensor:
-    """The packed inputs on the device: one copy from pinned memory (no host wait on CUDA)."""
-    if runner.device.type != "cuda":
-        return torch.from_numpy(packed)
-    host = runner.staging.next(packed.size)
-    host.numpy()[:] = packed
-    return host.to(runner.device, non_blocking=True)
