@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 
 import pytest
@@ -203,6 +204,41 @@ def test_swap_dma_runs_merge_adjacent_pairs_only():
     assert _runs([]) == []
     assert _runs([(4, 10), (5, 11), (6, 12), (9, 13), (10, 2), (11, 3), (12, 5)]) == [
         (4, 10, 3), (9, 13, 1), (10, 2, 2), (12, 5, 1)]
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 24, 32, 80])
+def test_layer_groups_cover_every_layer_once_in_doubling_runs(layers):
+    from pensieve.engine.swapper import layer_groups
+
+    groups = layer_groups(layers)
+    assert [i for g in groups for i in g] == list(range(layers))
+    sizes = [len(g) for g in groups]
+    assert sizes[0] == 1 and all(b <= max(1, 2 * a) for a, b in zip(sizes, sizes[1:]))
+    # each group after the first is at most as large as all before it: compute runs through those
+    assert all(len(g) <= g.start for g in groups[1:])
+    assert len(groups) <= 2 + math.ceil(math.log2(layers))  # 6 launches for 32 layers, not 32
+
+
+def test_swapper_addresses_the_stacks_layer_by_layer(make_engine):
+    """The GPU cache and the CPU tier are stacks [2 * layers, blocks, ...]: layer i's K and V
+    are entries 2i and 2i + 1 of both, and the swapper copies a block of every layer."""
+    from pensieve.engine.cache_manager import SwapPlan
+
+    engine = make_engine("llama", num_cpu_blocks=5)
+    runner = engine.runner
+    sw = runner.swapper
+    assert runner.gpu_stack.shape[0] == 2 * runner.num_layers == sw.cpu_stack.shape[0]
+    for i, (k, v) in enumerate(runner.kv_caches):
+        assert k.data_ptr() == runner.gpu_stack[2 * i].data_ptr() and v.data_ptr() == runner.gpu_stack[2 * i + 1].data_ptr()
+    for t in range(runner.gpu_stack.shape[0]):
+        runner.gpu_stack[t, 3].fill_(t + 1)
+    sw.begin(SwapPlan(swap_out_ahead=[(3, 4)], ahead_batch=1))
+    sw.after_forward()
+    assert all(bool((sw.cpu_stack[t, 4] == t + 1).all()) for t in range(sw.cpu_stack.shape[0]))
+    assert sw.completed_batch() == 1
+    sw.begin(SwapPlan(swap_in=[(4, 0)]))
+    sw.finish_without_compute()
+    assert torch.equal(runner.gpu_stack[:, 0], runner.gpu_stack[:, 3])
 
 
 def test_cpu_tier_layers_are_disjoint_views_of_one_buffer(make_engine):

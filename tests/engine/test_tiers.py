@@ -191,6 +191,34 @@ def test_reclaim_takes_chunks_with_a_cpu_copy_first():
     cache.check_invariants()
 
 
+def test_ahead_copies_fill_to_a_margin_above_the_mark_then_pause():
+    """Hysteresis: under the 25% mark the ahead-of-time copies go up to swap_ahead_margin of the
+    tier above it in one batch, and no batch follows until free + copied blocks fall under the
+    mark again (before, a batch of one or two blocks came at most steps under pressure)."""
+    def filled(margin):
+        cache = CacheManager(256, BS, "pensieve", "retention", num_cpu_blocks=256,
+                             cost_model=CostModel([0, 100], [1.0, 101.0]), clock=Clock(), swap_ahead_margin=margin)
+        for n in range(19):
+            put_session(cache, f"s{n}", 10, last_active=80.0 + n)
+        put_session(cache, "last", 3, last_active=99.0)
+        assert cache.gpu.num_free == 63  # one under the mark (64)
+        cache.plan_swap_ahead()
+        return cache, cache.take_plan().swap_out_ahead
+
+    assert len(filled(0)[1]) == 2  # without a margin: just over the mark, again at the next dip
+    cache, first = filled(8 / 256)
+    assert len(first) == 64 + 8 - 63 + 1
+    for _ in range(3):
+        cache.plan_swap_ahead()
+        assert cache.take_plan().swap_out_ahead == []
+    cache.gpu.allocate(9)  # a turn takes blocks: free + copied fall to 64 (not under the mark)
+    cache.plan_swap_ahead()
+    assert cache.take_plan().swap_out_ahead == []
+    cache.gpu.allocate(1)  # under the mark again: one batch back to the margin
+    cache.plan_swap_ahead()
+    assert len(cache.take_plan().swap_out_ahead) == 64 + 8 - 63 + 1
+
+
 def test_ahead_copy_drops_only_a_cpu_chunk_worth_less():
     """With the CPU tier full, an ahead-of-time copy makes room by dropping a CPU chunk of lower
     retention value than the chunk it copies, and stops when there is none."""

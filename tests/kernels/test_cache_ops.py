@@ -176,3 +176,32 @@ def test_swap_kernel_programs_stride_over_every_block(device, programs):
     ref = torch.full((7, 16, 2, 8), float("nan"))
     copy_blocks_ref(src.cpu(), ref, src_ids, dst_ids)
     assert _eq(dst.cpu(), ref)
+
+
+@pytest.mark.parametrize("programs", [1, 5])
+def test_swap_kernel_stacked_copies_the_same_blocks_of_every_cache(device, programs):
+    """One launch over a stack [T, num_blocks, ...] (the engine's K and V of a run of layers),
+    each side a slice of a larger stack as in the engine: every cache gets the same blocks."""
+    from pensieve.kernels.triton_cache import swap_blocks_triton
+
+    g = torch.Generator().manual_seed(11)
+    src_all = torch.randn(6, 9, 16, 2, 8, generator=g).to(device)
+    dst_all = torch.full((6, 7, 16, 2, 8), float("nan"), device=device)
+    src_ids, dst_ids = torch.tensor([8, 0, 3]), torch.tensor([6, 2, 0])
+    swap_blocks_triton(src_all[2:5], dst_all[2:5], src_ids.to(device), dst_ids.to(device), max_programs=programs,
+                       stacked=True)
+    ref = torch.full((6, 7, 16, 2, 8), float("nan"))
+    for t in range(2, 5):
+        copy_blocks_ref(src_all[t].cpu(), ref[t], src_ids, dst_ids)
+    assert _eq(dst_all.cpu(), ref)  # entries 0, 1 and 5 untouched
+    with pytest.raises(ValueError):
+        swap_blocks_triton(src_all[2:5], dst_all[2:4], src_ids.to(device), dst_ids.to(device), stacked=True)
+
+
+def test_swap_blocks_stacked_reference():
+    src = torch.randn(4, 6, 16, 2, 8)
+    dst = torch.full((4, 3, 16, 2, 8), float("nan"))
+    swap_blocks(src, dst, torch.tensor([5, 1]), torch.tensor([0, 2]), stacked=True)
+    assert torch.equal(dst[:, 0], src[:, 5]) and torch.equal(dst[:, 2], src[:, 1]) and dst[:, 1].isnan().all()
+    with pytest.raises(ValueError):
+        swap_blocks(src, dst[:3], torch.tensor([5]), torch.tensor([0]), stacked=True)

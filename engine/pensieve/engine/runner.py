@@ -3,6 +3,7 @@ into one forward pass and returns the logits of the rows that sample."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -42,7 +43,8 @@ class ModelRunner:
         self.num_layers = len(self.model.layers)
         # this rank's heads: the KV cache and both tiers hold num_kv_heads / N heads per block
         self.num_kv_heads, self.head_dim = self.model.num_kv_heads, self.model.head_dim
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []  # views of gpu_stack
+        self.gpu_stack: torch.Tensor | None = None
         self.cpu_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_heads = self.model.num_heads
         try:  # decided once here ("triton" or "ref") and passed down to every kernel call
@@ -106,7 +108,7 @@ class ModelRunner:
         # The decode graphs keep their activations for good: reserve what the largest one takes.
         graphs = self.graphs.measure_peak() if self.graphs is not None else 0
         cache_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
-        self.kv_caches = []
+        self.kv_caches, self.gpu_stack = [], None
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         other_processes = total - free - torch.cuda.memory_reserved(self.device)
@@ -121,23 +123,24 @@ class ModelRunner:
         return num
 
     def allocate_cache(self, num_blocks: int) -> None:
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                           torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        """The GPU cache: one stack [2 * num_layers, num_blocks, block_size, kv_heads, head_dim]
+        (layer i's K and V at 2i and 2i + 1), so that a swap copies a run of layers in one launch;
+        ``kv_caches`` holds the per-layer views the model reads."""
+        self.gpu_stack = torch.empty((2 * self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
+                                      self.head_dim), dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.gpu_stack[2 * i], self.gpu_stack[2 * i + 1]) for i in range(self.num_layers)]
 
     def allocate_cpu_cache(self, num_blocks: int) -> None:
-        """The CPU tier: same layout as the GPU cache, pinned when a GPU is attached.
+        """The CPU tier: the GPU cache's stacked layout, pinned when a GPU is attached.
 
         One host allocation for all layers, pinned in place (cudaHostRegister):
         the pinned-memory allocator would round each request up to a power of
         two and so could pin up to twice the configured CPU-tier bytes."""
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        per_tensor = num_blocks * self.block_size * self.num_kv_heads * self.head_dim
-        self.cpu_buffer = HostBuffer(2 * self.num_layers * per_tensor, self.dtype, pin=self.device.type == "cuda")
-        flat = self.cpu_buffer.tensor
-        views = [flat[i * per_tensor:(i + 1) * per_tensor].view(shape) for i in range(2 * self.num_layers)]
-        self.cpu_caches = [(views[2 * i], views[2 * i + 1]) for i in range(self.num_layers)]
-        self.swapper = Swapper(self.kv_caches, self.cpu_caches, self.device, self.config.swap_impl)
+        shape = (2 * self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.cpu_buffer = HostBuffer(math.prod(shape), self.dtype, pin=self.device.type == "cuda")
+        stack = self.cpu_buffer.tensor.view(shape)
+        self.swapper = Swapper(self.gpu_stack, stack, self.device, self.config.swap_impl)
+        self.cpu_caches = self.swapper.cpu
         self.swapper.ahead_programs = self.config.swap_ahead_programs
 
     @torch.inference_mode()

@@ -49,31 +49,65 @@ class HostBuffer:
             self.pinned = False
 
 
+def layer_groups(num_layers: int) -> list[range]:
+    """Layers in groups of 1, 1, 2, 4, 8, ... (the last one takes the rest): 6 groups for 32 layers.
+
+    In-step copies are launched once per group, with one event each. A layer waits only for
+    its group's copies; group g + 1 is as large as every group before it together, so while
+    the copy stream moves it, compute runs through those earlier layers. The overlap is the
+    per-layer one's whenever a layer's copy is faster than its compute; 64 launches a step
+    (a layer's K and V each) became 6 on the Llama-3-8B shape (issue 12: pensieve mode's cost
+    on the H200 was host time)."""
+    groups: list[range] = []
+    start, size = 0, 1
+    while start < num_layers:
+        end = min(num_layers, start + size)
+        groups.append(range(start, end))
+        if len(groups) > 1:
+            size *= 2
+        start = end
+    return groups
+
+
 class Swapper:
-    """Performs a step's block copies between the tiers, layer by layer.
+    """Performs a step's block copies between the GPU cache and the CPU tier.
 
-    Per layer i: urgent swap-outs (GPU blocks about to be rewritten this step)
-    first, then swap-ins; layer i's attention waits only for layer i's copies.
-    Ahead-of-time swap-outs run after the forward pass has been issued, so swap-in
-    goes first on the link. On CUDA the copies run on their own stream with one
-    event per layer. Compute waits for ahead-of-time copies only in a step that
-    rewrites a block one of them may still be reading, and then only for the
-    batches up to that block's (``SwapPlan.wait_for_batch``, set by the cache
-    manager, which learns of completed batches through ``completed_batch``); on
-    CPU the same calls run synchronously, in the same order.
+    Ownership: the runner owns the Swapper and both caches; the cache manager decides what
+    moves (``SwapPlan``). Both caches are stacks [2 * num_layers, num_blocks, ...] whose
+    entries 2i and 2i + 1 are layer i's K and V (``gpu_caches``/``cpu_caches`` are views of
+    them, per layer), so one launch copies the same blocks of any run of layers.
 
-    CUDA copy implementations (``swap_impl``): ``kernel`` moves all of a layer's
-    blocks in one launch per tensor, the GPU reading or writing the pinned CPU
-    tier directly; ``dma`` issues one async copy per run of adjacent block ids.
+    Per group of layers (``layer_groups``): urgent swap-outs (GPU blocks about to be
+    rewritten this step) first, then swap-ins, then one event; a layer's attention waits only
+    for its group's event. Ahead-of-time swap-outs run after the forward pass has been
+    issued, one launch for every layer, so swap-in goes first on the link. On CUDA the copies
+    run on their own stream. Compute waits for ahead-of-time copies only in a step that
+    rewrites a block one of them may still be reading, and then only for the batches up to
+    that block's (``SwapPlan.wait_for_batch``, set by the cache manager, which learns of
+    completed batches through ``completed_batch``); on CPU the same calls run synchronously,
+    layer by layer, in the same order.
+
+    CUDA copy implementations (``swap_impl``): ``kernel`` moves a group's blocks in one
+    launch, the GPU reading or writing the pinned CPU tier directly; ``dma`` issues one async
+    copy per run of adjacent block ids, per layer and tensor.
     """
 
-    def __init__(self, gpu_caches, cpu_caches, device: torch.device, impl: str = "auto"):
-        self.gpu, self.cpu = gpu_caches, cpu_caches
+    def __init__(self, gpu_stack: torch.Tensor, cpu_stack: torch.Tensor, device: torch.device,
+                 impl: str = "auto"):
+        if gpu_stack.shape[0] != cpu_stack.shape[0] or gpu_stack.shape[0] % 2:
+            raise ValueError("the GPU and CPU stacks must hold K and V of the same layers")
+        self.gpu_stack, self.cpu_stack = gpu_stack, cpu_stack
+        layers = gpu_stack.shape[0] // 2
+        self.gpu = [(gpu_stack[2 * i], gpu_stack[2 * i + 1]) for i in range(layers)]
+        self.cpu = [(cpu_stack[2 * i], cpu_stack[2 * i + 1]) for i in range(layers)]
+        self.groups = layer_groups(layers)
+        self.group_of = [g for g, group in enumerate(self.groups) for _ in group]
         self.cuda = device.type == "cuda"
         self.device = device
         self.impl = "kernel" if impl == "auto" else impl
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.events: list = []
+        self.events: list = []  # one per group of layers, this step's in-step copies
+        self.waited = -1  # the last group whose event compute waits for in this step
         self.ahead: collections.deque = collections.deque()  # (batch, event) of ahead copies not seen complete
         self.done_watermark = 0  # the newest ahead batch seen complete
         self.plan: SwapPlan | None = None
@@ -85,16 +119,19 @@ class Swapper:
     def begin(self, plan: SwapPlan) -> None:
         self.plan = plan
         self.ids = {name: self._id_tensors(getattr(plan, name)) for name in ("swap_out", "swap_in", "swap_out_ahead")}
-        self.runs: dict[str, list[tuple[int, int, int]]] = {}
+        self.runs = {}
+        self.waited = -1
         if not self.cuda:
             self.done_layers = -1
             return
         self.stream.wait_stream(torch.cuda.current_stream())  # copies read what earlier steps wrote
         self.events = []
+        if not (plan.swap_out or plan.swap_in):
+            return
         with torch.cuda.stream(self.stream):
-            for layer in range(len(self.gpu)):
-                self._copy_layer(layer, "swap_out", to_cpu=True)
-                self._copy_layer(layer, "swap_in", to_cpu=False)
+            for group in self.groups:
+                self._copy(group, "swap_out", to_cpu=True)
+                self._copy(group, "swap_in", to_cpu=False)
                 event = torch.cuda.Event()
                 event.record(self.stream)
                 self.events.append(event)
@@ -119,26 +156,31 @@ class Swapper:
         return done
 
     def wait_for_layer(self, layer: int) -> None:
+        """Compute waits for the in-step copies of ``layer`` (on CUDA: its group's event, once)."""
         if self.cuda:
-            torch.cuda.current_stream().wait_event(self.events[layer])
+            group = self.group_of[layer]
+            if group > self.waited and self.events:
+                torch.cuda.current_stream().wait_event(self.events[group])
+                self.waited = group
             return
         while self.done_layers < layer:  # CPU: copy up to this layer now
             self.done_layers += 1
-            self._copy_layer(self.done_layers, "swap_out", to_cpu=True)
-            self._copy_layer(self.done_layers, "swap_in", to_cpu=False)
+            self._copy(range(self.done_layers, self.done_layers + 1), "swap_out", to_cpu=True)
+            self._copy(range(self.done_layers, self.done_layers + 1), "swap_in", to_cpu=False)
 
     def after_forward(self) -> None:
+        everything = range(len(self.gpu))
         if not self.cuda:
             self.wait_for_layer(len(self.gpu) - 1)
-            for layer in range(len(self.gpu)):
-                self._copy_layer(layer, "swap_out_ahead", to_cpu=True)
+            self._copy(everything, "swap_out_ahead", to_cpu=True)
             if self.plan.ahead_batch:
                 self.ahead.append((self.plan.ahead_batch, None))  # done already
             return
+        if not self.plan.swap_out_ahead:
+            return
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
-            for layer in range(len(self.gpu)):
-                self._copy_layer(layer, "swap_out_ahead", to_cpu=True)
+            self._copy(everything, "swap_out_ahead", to_cpu=True)
             if self.plan.ahead_batch:
                 event = torch.cuda.Event()
                 event.record(self.stream)
@@ -148,45 +190,55 @@ class Swapper:
 
     def wait_all(self) -> None:
         """Compute waits for every in-step copy of this step before its first layer."""
-        self.wait_for_layer(len(self.gpu) - 1)  # the copy stream runs the layers in order
+        self.wait_for_layer(len(self.gpu) - 1)  # the copy stream runs the groups in order
 
     def finish_without_compute(self) -> None:
         self.wait_all()
         self.after_forward()
 
     def _id_tensors(self, pairs: list[tuple[int, int]]):
-        """(src ids, dst ids) of a list of pairs, on the device the copy kernel runs on."""
+        """(src ids, dst ids) of a list of pairs, on the device the copy kernel runs on. The rows
+        are padded to a multiple of 8 ids, so both start 64-byte aligned whatever the count (the
+        kernel's compiled variant depends on its pointers' alignment: no compile while serving)."""
         if not pairs:
             return None
-        ids = torch.tensor(pairs, dtype=torch.int64).t().contiguous()
+        n = len(pairs)
+        ids = torch.zeros((2, -(-n // 8) * 8), dtype=torch.int64)
+        ids[:, :n] = torch.tensor(pairs, dtype=torch.int64).t()
         if self.cuda and self.impl == "kernel":
             with torch.cuda.stream(self.stream):  # ordered before this stream's copies
                 ids = ids.pin_memory().to(self.device, non_blocking=True)
-        return ids[0], ids[1]
+        return ids[0, :n], ids[1, :n]
 
-    def _copy_layer(self, layer: int, kind: str, to_cpu: bool) -> None:
-        """Copy one layer's blocks of a plan's list (``kind``): in-step copies with the kernel's
-        full width, ahead-of-time swap-outs with ``ahead_programs``."""
+    def _copy(self, layers: range, kind: str, to_cpu: bool) -> None:
+        """Copy the blocks of a plan's list (``kind``) for a run of layers: in-step copies with
+        the kernel's full width, ahead-of-time swap-outs with ``ahead_programs``."""
         pairs = getattr(self.plan, kind)
         if not pairs:
             return
-        src_caches, dst_caches = (self.gpu, self.cpu) if to_cpu else (self.cpu, self.gpu)
         src_ids, dst_ids = self.ids[kind]
-        for src, dst in zip(src_caches[layer], dst_caches[layer]):
-            if not self.cuda:
-                dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
-            elif not (self.impl == "kernel" and self._kernel_copy(src, dst, src_ids, dst_ids,
-                                                                  self.ahead_programs if kind == "swap_out_ahead"
-                                                                  else self.programs)):
+        if self.cuda and self.impl == "kernel":
+            tensors = slice(2 * layers.start, 2 * layers.stop)
+            src, dst = (self.gpu_stack, self.cpu_stack) if to_cpu else (self.cpu_stack, self.gpu_stack)
+            programs = self.ahead_programs if kind == "swap_out_ahead" else self.programs
+            if self._kernel_copy(src[tensors], dst[tensors], src_ids, dst_ids, programs):
+                return
+        src_caches, dst_caches = (self.gpu, self.cpu) if to_cpu else (self.cpu, self.gpu)
+        for layer in layers:
+            for src, dst in zip(src_caches[layer], dst_caches[layer]):
+                if not self.cuda:
+                    dst.index_copy_(0, dst_ids, src.index_select(0, src_ids))
+                    continue
                 if kind not in self.runs:  # computed once per step, used by every layer
                     self.runs[kind] = _runs(pairs)
                 for s, d, n in self.runs[kind]:  # pinned <-> device DMA, one per run of adjacent ids
                     dst[d:d + n].copy_(src[s:s + n], non_blocking=True)
 
     def _kernel_copy(self, src, dst, src_ids, dst_ids, programs: int | None) -> bool:
-        """One swap-kernel launch; False (and DMA from then on) if the driver refuses it."""
+        """One swap-kernel launch over stacked caches; False (and DMA from then on) if the
+        driver refuses it."""
         try:
-            swap_blocks(src, dst, src_ids, dst_ids, impl="triton", max_programs=programs)
+            swap_blocks(src, dst, src_ids, dst_ids, impl="triton", max_programs=programs, stacked=True)
             return True
         except ValueError as e:  # e.g. a driver that cannot map the pinned tier into the GPU
             log.warning("swap kernel unavailable (%s); copying with DMA from now on", e)

@@ -133,7 +133,7 @@ def scatter_blocks(src, dst, ids, *, impl="auto"):
     reference.scatter_blocks_ref(src, dst, ids)
 
 
-def swap_blocks(src, dst, src_ids, dst_ids, *, impl="auto", max_programs=None):
+def swap_blocks(src, dst, src_ids, dst_ids, *, impl="auto", max_programs=None, stacked=False):
     """dst[dst_ids[i]] = src[src_ids[i]] between the CPU tier and the GPU cache.
 
     With a CUDA tensor on one side and a pinned host tensor on the other, the
@@ -141,18 +141,23 @@ def swap_blocks(src, dst, src_ids, dst_ids, *, impl="auto", max_programs=None):
     directly (ids on the GPU; launch it on the stream that orders the copy).
     Anything else (CPU only, unpinned host memory, ``impl="ref"``) takes the
     reference, which copies through the usual transfers. ``max_programs`` caps
-    the launch's programs (default ``triton_cache.SWAP_PROGRAMS``).
+    the launch's programs (default ``triton_cache.SWAP_PROGRAMS``). ``stacked``:
+    src and dst are [T, num_blocks, ...] and the same blocks of each of the T
+    caches are copied, in one launch on the Triton path.
     """
     if src_ids.numel() != dst_ids.numel():
         raise ValueError("src_ids and dst_ids differ in length")
+    if stacked and src.shape[0] != dst.shape[0]:
+        raise ValueError(f"src and dst stack {src.shape[0]} and {dst.shape[0]} caches")
     cross = src.is_cuda != dst.is_cuda
     host = dst if src.is_cuda else src
     if cross and src.dtype == dst.dtype and host.is_pinned() and _use_triton(src if src.is_cuda else dst, impl):
         from .triton_cache import swap_blocks_triton
 
-        swap_blocks_triton(src, dst, src_ids, dst_ids, max_programs)
+        swap_blocks_triton(src, dst, src_ids, dst_ids, max_programs, stacked=stacked)
         return
-    reference.copy_blocks_ref(src, dst, src_ids, dst_ids)
+    for s, d in zip(src, dst) if stacked else [(src, dst)]:
+        reference.copy_blocks_ref(s, d, src_ids, dst_ids)
 
 
 def rms_norm(x, weight, eps, residual=None, *, impl="auto"):

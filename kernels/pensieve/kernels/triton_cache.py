@@ -162,14 +162,14 @@ def scatter_blocks_triton(src, dst, ids) -> None:
     _launch_copy(src, dst, None, _ids(ids, dst.device), ids.numel(), True, False)
 
 
-# total/iters/programs change with every swap: compiling a variant per value class
+# total/iters/programs/per_tensor change with every swap: compiling a variant per value class
 # (1, multiple of 16, other) would happen while serving.
-@triton.jit(do_not_specialize=["total", "iters", "programs"])
+@triton.jit(do_not_specialize=["total", "iters", "programs", "per_tensor"])
 def _swap_blocks_kernel(
-    src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, total, iters, programs, n_chunks, block_numel,
-    stride_src, stride_dst, CHUNK: tl.constexpr,
+    src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, total, iters, programs, per_tensor, n_chunks, block_numel,
+    stride_src_t, stride_dst_t, stride_src, stride_dst, CHUNK: tl.constexpr,
 ):
-    # Persistent: a few programs stride over the (block, chunk) items, so that a
+    # Persistent: a few programs stride over the (tensor, block, chunk) items, so that a
     # copy running beside the forward pass holds only a few SMs while it waits on
     # the link. Item k of program p is p + k * programs; past ``total`` it is masked.
     pid = tl.program_id(0)
@@ -177,14 +177,16 @@ def _swap_blocks_kernel(
         item = pid + k * programs
         valid = item < total
         item = tl.minimum(item, total - 1)
-        i = item // n_chunks
-        c = (item % n_chunks).to(tl.int64)
+        t = (item // per_tensor).to(tl.int64)
+        rest = item % per_tensor
+        i = rest // n_chunks
+        c = (rest % n_chunks).to(tl.int64)
         s = tl.load(src_ids_ptr + i).to(tl.int64)
         d = tl.load(dst_ids_ptr + i).to(tl.int64)
         offs = c * CHUNK + tl.arange(0, CHUNK)
         mask = (offs < block_numel) & valid
-        x = tl.load(src_ptr + s * stride_src + offs, mask=mask)
-        tl.store(dst_ptr + d * stride_dst + offs, x.to(dst_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(src_ptr + t * stride_src_t + s * stride_src + offs, mask=mask)
+        tl.store(dst_ptr + t * stride_dst_t + d * stride_dst + offs, x.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
 #: Programs of a swap launch: enough loads in flight to fill the host link
@@ -192,25 +194,35 @@ def _swap_blocks_kernel(
 SWAP_PROGRAMS = 32
 
 
-def swap_blocks_triton(src, dst, src_ids, dst_ids, max_programs: int | None = None) -> None:
+def swap_blocks_triton(src, dst, src_ids, dst_ids, max_programs: int | None = None, stacked: bool = False) -> None:
     """dst[dst_ids[i]] = src[src_ids[i]] with one side in pinned host memory.
 
     The GPU's threads load from (or store to) the host side directly: pinned
     memory is mapped into the device's address space (unified addressing), so
-    one launch moves every block of a layer over the link, with no staging copy
-    and no per-block DMA call. ``src_ids``/``dst_ids`` live on the GPU.
+    one launch moves every block over the link, with no staging copy and no
+    per-block DMA call. ``src_ids``/``dst_ids`` live on the GPU.
+
+    ``stacked``: src and dst are [T, num_blocks, ...], T caches side by side (the
+    engine's K and V of a group of layers), and the launch copies the same blocks
+    of each: dst[t, dst_ids[i]] = src[t, src_ids[i]] for every t < T.
     """
     device = src.device if src.is_cuda else dst.device
     n = src_ids.numel()
     if n != dst_ids.numel():
         raise ValueError("src_ids and dst_ids differ in length")
-    if n == 0:
+    if not stacked:
+        src, dst = src.unsqueeze(0), dst.unsqueeze(0)
+    if src.shape[0] != dst.shape[0]:
+        raise ValueError(f"src and dst stack {src.shape[0]} and {dst.shape[0]} caches")
+    if n == 0 or src.shape[0] == 0:
         return
-    numel, chunk = _block_numel_and_chunk(src, dst)
+    numel, chunk = _block_numel_and_chunk(src[0], dst[0])
     n_chunks = triton.cdiv(numel, chunk)
-    total = n * n_chunks
+    per_tensor = n * n_chunks
+    total = src.shape[0] * per_tensor
     programs = max(1, min(total, max_programs or SWAP_PROGRAMS))
     _swap_blocks_kernel[(programs,)](
         src, dst, _ids(src_ids, device), _ids(dst_ids, device), total, triton.cdiv(total, programs), programs,
-        n_chunks, numel, src.stride(0), dst.stride(0), CHUNK=chunk, num_warps=4,
+        per_tensor, n_chunks, numel, src.stride(0), dst.stride(0), src.stride(1), dst.stride(1),
+        CHUNK=chunk, num_warps=4,
     )
