@@ -15,7 +15,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 for g in 0 1; do
     steps_var="GPU${g}_STEPS" env_var="GPU${g}_ENV"
     [ -n "${!steps_var:-}" ] || continue
-    (eval "export ${!env_var:-}"; CUDA_VISIBLE_DEVICES=$g OUT="$OUT/gpu$g" SWEEP_LOGS="/tmp/sweep-logs-gpu$g" \
+    (if [ -n "${!env_var:-}" ]; then eval "export ${!env_var}"; fi; CUDA_VISIBLE_DEVICES=$g OUT="$OUT/gpu$g" SWEEP_LOGS="/tmp/sweep-logs-gpu$g" \
         STEPS="${!steps_var}" bash bench/gpu_session.sh >"$OUT/gpu$g.txt" 2>&1) &
 done
 wait
