@@ -80,7 +80,7 @@ step sweep_sharegpt_ideal "${SWI_LIMIT:-200}" python3 bench/multiturn_sweep.py r
     --modes gpu-only --server-extra "--num-gpu-blocks 8000" --log-dir $SWEEP_LOGS-ideal --out "$OUT/sharegpt-ideal.json"
 step sweep_long_a "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes pensieve \
     --log-dir $SWEEP_LOGS --out "$OUT/long-a.json"
-step sweep_long_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes gpu-only,none \
+step sweep_long_b "${SW_LIMIT:-560}" python3 bench/multiturn_sweep.py run $LONG_SWEEP --modes "${SLB_MODES:-gpu-only,none}" \
     --log-dir $SWEEP_LOGS --out "$OUT/long-b.json"
 # the servers' step-statistics lines (engine_loop.StepLog) of this call's sweep steps
 find "$SWEEP_LOGS" "$SWEEP_LOGS-ideal" -name 'server-*.log' -newer "$LOGS" 2>/dev/null | sort | while read -r f; do
