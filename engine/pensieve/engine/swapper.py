@@ -74,8 +74,8 @@ class Swapper:
 
     Ownership: the runner owns the Swapper and both caches; the cache manager decides what
     moves (``SwapPlan``). Both caches are stacks [2 * num_layers, num_blocks, ...] whose
-    entries 2i and 2i + 1 are layer i's K and V (``gpu_caches``/``cpu_caches`` are views of
-    them, per layer), so one launch copies the same blocks of any run of layers.
+    entries 2i and 2i + 1 are layer i's K and V (``gpu``/``cpu`` hold their per-layer views),
+    so one launch copies the same blocks of any run of layers.
 
     Per group of layers (``layer_groups``): urgent swap-outs (GPU blocks about to be
     rewritten this step) first, then swap-ins, then one event; a layer's attention waits only
