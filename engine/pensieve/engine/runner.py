@@ -20,7 +20,7 @@ from .models import AttentionMetadata
 from .parallel import SINGLE, TensorParallel
 from .scheduler import SchedulerOutput
 from .step_inputs import StepInputs, build_step_inputs, packed_size, resolve_placeholders, split_views
-from .swapper import HostBuffer, Swapper
+from .swapper import HostBuffer, Swapper, layer_views
 
 log = logging.getLogger("pensieve.engine")
 
@@ -128,7 +128,7 @@ class ModelRunner:
         ``kv_caches`` holds the per-layer views the model reads."""
         self.gpu_stack = torch.empty((2 * self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
                                       self.head_dim), dtype=self.dtype, device=self.device)
-        self.kv_caches = [(self.gpu_stack[2 * i], self.gpu_stack[2 * i + 1]) for i in range(self.num_layers)]
+        self.kv_caches = layer_views(self.gpu_stack)
 
     def allocate_cpu_cache(self, num_blocks: int) -> None:
         """The CPU tier: the GPU cache's stacked layout, pinned when a GPU is attached.

@@ -49,6 +49,11 @@ class HostBuffer:
             self.pinned = False
 
 
+def layer_views(stack: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (K, V) views of a cache stack [2 * num_layers, num_blocks, ...]."""
+    return [(stack[2 * i], stack[2 * i + 1]) for i in range(stack.shape[0] // 2)]
+
+
 def layer_groups(num_layers: int) -> list[range]:
     """Layers in groups of 1, 1, 2, 4, 8, ... (the last one takes the rest): 6 groups for 32 layers.
 
@@ -97,10 +102,8 @@ class Swapper:
         if gpu_stack.shape[0] != cpu_stack.shape[0] or gpu_stack.shape[0] % 2:
             raise ValueError("the GPU and CPU stacks must hold K and V of the same layers")
         self.gpu_stack, self.cpu_stack = gpu_stack, cpu_stack
-        layers = gpu_stack.shape[0] // 2
-        self.gpu = [(gpu_stack[2 * i], gpu_stack[2 * i + 1]) for i in range(layers)]
-        self.cpu = [(cpu_stack[2 * i], cpu_stack[2 * i + 1]) for i in range(layers)]
-        self.groups = layer_groups(layers)
+        self.gpu, self.cpu = layer_views(gpu_stack), layer_views(cpu_stack)
+        self.groups = layer_groups(len(self.gpu))
         self.group_of = [g for g, group in enumerate(self.groups) for _ in group]
         self.cuda = device.type == "cuda"
         self.device = device
